@@ -1,0 +1,62 @@
+"""The one exception tree of lloom.
+
+::
+
+    LloomError
+    ├── UsageError            bad input from a person: CLI flags, config files (exit code 2)
+    │   ├── ConfigError
+    │   └── IdentityError     a bad private key or key file; never carries the key itself
+    ├── ProtocolError         a peer sent bytes that break a lloom wire protocol
+    │   ├── FrameTooLarge
+    │   └── TruncatedFrame
+    └── NetworkError          libp2p I/O failed (dial, stream, DHT)
+        ├── DialError
+        └── PeerTimeout
+
+Library errors are translated at the boundary with ``raise ... from exc`` so callers only
+ever need to catch ``LloomError`` subclasses.
+"""
+
+from __future__ import annotations
+
+
+class LloomError(Exception):
+    """Root of every error lloom raises on purpose."""
+
+
+class UsageError(LloomError):
+    """A person gave lloom bad input (a flag, a file, a key). CLIs exit with code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A configuration file or value is invalid; the message names the field."""
+
+
+class IdentityError(UsageError):
+    """A private key or key file is invalid. The message never contains the key."""
+
+
+class ProtocolError(LloomError):
+    """A remote peer violated a lloom wire protocol (garbage, truncation, oversize)."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame announced a length above the agreed maximum."""
+
+
+class TruncatedFrame(ProtocolError):
+    """The stream ended in the middle of a frame."""
+
+
+class NetworkError(LloomError):
+    """libp2p networking failed: a dial, a stream, or a DHT query."""
+
+
+class DialError(NetworkError):
+    """Could not connect to a peer."""
+
+
+class PeerTimeout(NetworkError):
+    """A peer did not answer within the allowed time."""
