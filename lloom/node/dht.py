@@ -1,0 +1,135 @@
+"""Kademlia behaviour lloom needs on top of py-libp2p's ``KadDHT``.
+
+Workarounds for py-libp2p 0.8.1, each with a test:
+
+- **Fresh lookups.** ``find_providers`` answers from the local provider cache (kept 48 h)
+  and never asks the network again, so new executors stay invisible. :meth:`Dht.find_providers`
+  drops the local entry first (unless this node serves the DHT, where the local store *is*
+  the authoritative copy) and then asks the network.
+- **Dead peers.** Provider records and routing-table entries of peers that went away were
+  kept for hours. :class:`PeerJanitor` removes a peer from the routing table and every
+  provider record of it as soon as its last connection closes. A killed executor is
+  therefore gone from the next lookup once its validators see the TCP connection close
+  (immediately for a process that exits or is killed; within the connection's keep-alive
+  timeout for a host that vanishes from the network).
+- **Duplicates.** A lookup can return the same provider several times (from several
+  validators, or client-mode peers handed out by a validator); providers are merged by
+  PeerId, addresses united, order of first appearance kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import trio
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from multiaddr import Multiaddr
+
+from lloom.dhtkeys import cid_string
+
+logger = logging.getLogger(__name__)
+
+
+def dedupe_providers(providers: Iterable[PeerInfo], exclude: ID | None = None) -> list[PeerInfo]:
+    """Merge providers by PeerId (addresses united, first-seen order kept)."""
+    merged: dict[ID, list[Multiaddr]] = {}
+    for info in providers:
+        if info.peer_id == exclude:
+            continue
+        addrs = merged.setdefault(info.peer_id, [])
+        for addr in info.addrs:
+            if addr not in addrs:
+                addrs.append(addr)
+    return [PeerInfo(pid, addrs) for pid, addrs in merged.items()]
+
+
+def forget_peer(dht: KadDHT, peer_id: ID) -> int:
+    """Remove ``peer_id`` from the routing table and every provider record it holds.
+
+    Returns how many provider records were removed.
+    """
+    dht.routing_table.remove_peer(peer_id)
+    store = dht.provider_store
+    key_str = str(peer_id)
+    removed = 0
+    for key in list(store.providers):
+        records = store.providers[key]
+        if key_str in records:
+            del records[key_str]
+            removed += 1
+            if not records:
+                del store.providers[key]
+    return removed
+
+
+class PeerJanitor(INotifee):
+    """Network notifee that forgets a peer once its last connection is closed."""
+
+    def __init__(self, dht: KadDHT) -> None:
+        self.dht = dht
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        """Forget the peer when no connection to it remains."""
+        peer_id = conn.muxed_conn.peer_id
+        if network.get_connections(peer_id):
+            return
+        removed = forget_peer(self.dht, peer_id)
+        logger.debug("peer %s disconnected; forgot it (%d provider records)", peer_id, removed)
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        """Not used."""
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        """Not used."""
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        """Not used."""
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        """Not used."""
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        """Not used."""
+
+
+class Dht:
+    """A node's view of the lloom DHT: keys are binary CIDs from :mod:`lloom.dhtkeys`."""
+
+    def __init__(self, host: IHost, *, server: bool) -> None:
+        self.host = host
+        self.server = server
+        self.kad = KadDHT(
+            host,
+            DHTMode.SERVER if server else DHTMode.CLIENT,
+            enable_random_walk=False,
+        )
+        host.get_network().register_notifee(PeerJanitor(self.kad))
+
+    async def add_bootstrap_peer(self, peer_id: ID) -> bool:
+        """Add a connected validator to the routing table (it is a DHT server)."""
+        return await self.kad.add_peer(peer_id, skip_server_mode_check=True)
+
+    async def provide(self, key: bytes) -> bool:
+        """Announce that this node provides ``key``; True if any DHT server took it."""
+        return await self.kad.provide(cid_string(key))
+
+    async def find_providers(
+        self, key: bytes, *, count: int = 20, timeout: float = 10.0
+    ) -> list[PeerInfo]:
+        """Providers of ``key`` found on the network now (never a stale local answer)."""
+        text = cid_string(key)
+        mh = key[2:]  # the DHT indexes provider records by the CID's multihash
+        if not self.server:
+            self.kad.provider_store.providers.pop(mh, None)
+        found: list[PeerInfo] = []
+        with trio.move_on_after(timeout):
+            found = await self.kad.find_providers(text, count)
+        return dedupe_providers(found, exclude=self.host.get_id())
+
+    def forget(self, peer_id: ID) -> int:
+        """Forget a peer now (routing table and provider records)."""
+        return forget_peer(self.kad, peer_id)

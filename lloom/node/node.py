@@ -1,0 +1,165 @@
+"""A running lloom node: host, DHT, optional gossipsub, bootstrap maintenance.
+
+Use :func:`open_node` as an async context manager; every role builds on it::
+
+    async with open_node(identity, NodeConfig(listen=[...], bootstrap=[...])) as node:
+        print(node.listen_multiaddrs())
+        providers = await node.dht.find_providers(executor_role_key())
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+from libp2p.abc import IHost
+from libp2p.host.ping import PingService
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+from lloom.errors import DialError, UsageError
+from lloom.identity import Identity
+from lloom.node.dht import Dht
+from lloom.node.host import build_host
+from lloom.node.patches import apply_all
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+
+
+def parse_multiaddr(text: str, *, need_peer_id: bool = False) -> Multiaddr:
+    """Parse a multiaddr, raising :class:`UsageError` with the offending text."""
+    try:
+        addr = Multiaddr(text.strip())
+    except Exception as exc:  # multiaddr raises several unrelated types
+        raise UsageError(f"invalid multiaddr {text!r}: {exc}") from None
+    if need_peer_id and "/p2p/" not in str(addr):
+        raise UsageError(f"multiaddr {text!r} must end in /p2p/<PeerId>")
+    return addr
+
+
+def parse_multiaddr_list(
+    text: str | Sequence[str], *, need_peer_id: bool = False
+) -> list[Multiaddr]:
+    """Parse a comma-separated list (or a list of such strings) of multiaddrs."""
+    items = [text] if isinstance(text, str) else list(text)
+    out: list[Multiaddr] = []
+    for item in items:
+        for part in item.split(","):
+            if part.strip():
+                out.append(parse_multiaddr(part, need_peer_id=need_peer_id))
+    return out
+
+
+@dataclass
+class NodeConfig:
+    """How a node joins the network."""
+
+    listen: list[Multiaddr] = field(default_factory=lambda: [Multiaddr(DEFAULT_LISTEN)])
+    bootstrap: list[Multiaddr] = field(default_factory=list)
+    announce: list[Multiaddr] = field(default_factory=list)
+    dht_server: bool = False
+    pubsub: bool = False
+    #: How often lost bootstrap connections are re-dialled.
+    bootstrap_interval: float = 10.0
+    dial_timeout: float = 10.0
+
+
+class Node:
+    """A started node. Create it with :func:`open_node`."""
+
+    def __init__(self, identity: Identity, config: NodeConfig, host: IHost) -> None:
+        self.identity = identity
+        self.config = config
+        self.host = host
+        self.dht = Dht(host, server=config.dht_server)
+        self.pubsub: Pubsub | None = None
+        self._bootstrap_infos = [info_from_p2p_addr(a) for a in config.bootstrap]
+
+    @property
+    def peer_id(self) -> ID:
+        """This node's PeerId."""
+        return self.host.get_id()
+
+    def listen_multiaddrs(self) -> list[str]:
+        """Every advertised address, each ending in ``/p2p/<PeerId>``."""
+        return [str(a) for a in self.host.get_addrs()]
+
+    async def connect(self, info: PeerInfo, timeout: float | None = None) -> None:
+        """Dial a peer (no-op when connected); raises :class:`DialError`."""
+        limit = self.config.dial_timeout if timeout is None else timeout
+        try:
+            with trio.fail_after(limit):
+                await self.host.connect(info)
+        except trio.TooSlowError:
+            raise DialError(f"dialling {info.peer_id} timed out after {limit:g} s") from None
+        except Exception as exc:  # py-libp2p raises many types for a failed dial
+            raise DialError(f"cannot dial {info.peer_id}: {exc}") from exc
+
+    async def bootstrap(self) -> int:
+        """Connect to every bootstrap peer not connected; return how many are connected."""
+        connected = 0
+        for info in self._bootstrap_infos:
+            if info.peer_id == self.peer_id:
+                continue
+            if not self.host.get_network().get_connections(info.peer_id):
+                try:
+                    await self.connect(info)
+                except DialError as exc:
+                    logger.warning("bootstrap peer %s unreachable: %s", info.peer_id, exc)
+                    continue
+            await self.dht.add_bootstrap_peer(info.peer_id)
+            connected += 1
+        return connected
+
+    async def _maintain_bootstrap(self) -> None:
+        while True:
+            await trio.sleep(self.config.bootstrap_interval)
+            await self.bootstrap()
+
+    async def ping(self, peer_id: ID, timeout: float = 5.0) -> float:
+        """Round-trip time to a connected peer in seconds, over ``/ipfs/ping/1.0.0``."""
+        start = time.perf_counter()
+        with trio.fail_after(timeout):
+            await PingService(self.host).ping(peer_id, ping_amt=1)
+        return time.perf_counter() - start
+
+
+@asynccontextmanager
+async def open_node(identity: Identity, config: NodeConfig) -> AsyncIterator[Node]:
+    """Start a node, bootstrap it, keep it bootstrapped; stop everything on exit."""
+    apply_all()
+    host = build_host(identity, config.listen, config.announce or None)
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(host.run(config.listen))
+        node = Node(identity, config, host)
+        await stack.enter_async_context(background_trio_service(node.dht.kad))
+        if config.pubsub:
+            router = GossipSub(
+                protocols=[PROTOCOL_ID_V11],
+                degree=6,
+                degree_low=4,
+                degree_high=12,
+                heartbeat_interval=1,
+            )
+            node.pubsub = Pubsub(host, router)
+            await stack.enter_async_context(background_trio_service(node.pubsub))
+            await stack.enter_async_context(background_trio_service(router))
+            await node.pubsub.wait_until_ready()
+        await node.bootstrap()
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        if node._bootstrap_infos:
+            nursery.start_soon(node._maintain_bootstrap)
+        try:
+            yield node
+        finally:
+            nursery.cancel_scope.cancel()

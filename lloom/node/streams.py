@@ -1,0 +1,86 @@
+"""Framed reads and writes on a libp2p stream, each under a timeout.
+
+The framing itself is pure code (:mod:`lloom.framing`); this adapter only moves bytes.
+A killed peer shows up as a clean EOF and a frozen peer would block a read forever, so
+every read is bounded by ``read_timeout`` and protocols must end with an explicit final
+frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.network.stream.exceptions import StreamEOF, StreamError
+
+from lloom.errors import NetworkError, PeerTimeout
+from lloom.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+
+#: Bytes asked of the stream per read call.
+READ_CHUNK = 64 * 1024
+
+
+class FramedStream:
+    """Length-prefixed frames over an :class:`INetStream`."""
+
+    def __init__(
+        self,
+        stream: INetStream,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        read_timeout: float = 30.0,
+    ) -> None:
+        self.stream = stream
+        self.max_frame = max_frame
+        self.read_timeout = read_timeout
+        self._decoder = FrameDecoder(max_frame)
+        self._ready: deque[bytes] = deque()
+
+    async def read_frame(self, timeout: float | None = None) -> bytes | None:
+        """The next frame, or ``None`` if the stream ended cleanly between frames.
+
+        Raises :class:`PeerTimeout` when no complete frame arrives within ``timeout``
+        (default ``read_timeout``), :class:`ProtocolError` for bad framing and
+        :class:`NetworkError` when the stream is reset.
+        """
+        limit = self.read_timeout if timeout is None else timeout
+        try:
+            with trio.fail_after(limit):
+                while not self._ready:
+                    try:
+                        data = await self.stream.read(READ_CHUNK)
+                    except StreamEOF:
+                        data = b""
+                    if not data:
+                        self._decoder.eof()
+                        return None
+                    self._ready.extend(self._decoder.feed(data))
+        except trio.TooSlowError:
+            raise PeerTimeout(f"no frame from peer within {limit:g} s") from None
+        except StreamError as exc:
+            raise NetworkError(f"stream failed while reading: {type(exc).__name__}") from exc
+        return self._ready.popleft()
+
+    async def write_frame(self, payload: bytes, timeout: float | None = None) -> None:
+        """Write one frame; raises :class:`NetworkError` if the stream is gone."""
+        data = encode_frame(payload, self.max_frame)
+        limit = self.read_timeout if timeout is None else timeout
+        try:
+            with trio.fail_after(limit):
+                await self.stream.write(data)
+        except trio.TooSlowError:
+            raise PeerTimeout(f"peer did not accept a frame within {limit:g} s") from None
+        except StreamError as exc:
+            raise NetworkError(f"stream failed while writing: {type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        """Close the stream, ignoring a peer that already went away."""
+        with contextlib.suppress(StreamError):
+            await self.stream.close()
+
+    async def reset(self) -> None:
+        """Reset the stream (abort), ignoring errors."""
+        with contextlib.suppress(StreamError):
+            await self.stream.reset()

@@ -1,0 +1,1 @@
+"""The validator role: a stable bootstrap node and Kademlia DHT server."""
