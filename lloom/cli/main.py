@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+import trio
+
 from lloom import __version__
+from lloom.cli import dht
 from lloom.cli.common import (
     EXIT_OK,
     add_identity_args,
@@ -17,6 +20,7 @@ from lloom.cli.common import (
 )
 from lloom.errors import IdentityError, LloomError
 from lloom.identity import Identity
+from lloom.logs import configure_logging
 from lloom.paths import default_key_file
 
 
@@ -48,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     new.add_argument("--force", action="store_true", help="overwrite an existing key file")
     new.add_argument("--json", dest="new_json", action="store_true", help="print JSON")
+    dht.add_parsers(sub)
     return parser
 
 
@@ -80,9 +85,13 @@ def _identity(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run ``lloom`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     args = build_parser().parse_args(argv)
+    configure_logging(getattr(args, "verbose", 0))
     try:
         if args.command == "identity":
             return _identity(args)
+        if args.command == "dht":
+            command = dht.find_providers if args.dht_command == "providers" else dht.provide
+            return trio.run(command, args)
     except LloomError as exc:
         return report_error(exc)
     print(f"unknown command {args.command}", file=sys.stderr)  # unreachable via argparse

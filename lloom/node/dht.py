@@ -12,6 +12,11 @@ Workarounds for py-libp2p 0.8.1, each with a test:
   therefore gone from the next lookup once its validators see the TCP connection close
   (immediately for a process that exits or is killed; within the connection's keep-alive
   timeout for a host that vanishes from the network).
+- **Client-mode peers in the routing table.** py-libp2p adds every peer that opens a DHT
+  stream to its routing table, so a validator handed out clients and executors (DHT
+  clients) as "closer peers" and lookups then failed on them with "protocol not supported".
+  :class:`ServerOnlyRoutingTable` admits a peer only once identify shows it serves
+  ``/ipfs/kad/1.0.0`` (bootstrap validators are admitted directly).
 - **Duplicates.** A lookup can return the same provider several times (from several
   validators, or client-mode peers handed out by a validator); providers are merged by
   PeerId, addresses united, order of first appearance kept.
@@ -24,9 +29,13 @@ from collections.abc import Iterable
 
 import trio
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.host.basic_host import BasicHost
+from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.routing_table import RoutingTable
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.peer.peerstore import PeerStoreError
 from multiaddr import Multiaddr
 
 from lloom.dhtkeys import cid_string
@@ -96,6 +105,65 @@ class PeerJanitor(INotifee):
         """Not used."""
 
 
+def _serves_kad(host: IHost, peer_id: ID) -> bool | None:
+    """True/False once identify told us the peer's protocols, None before."""
+    try:
+        protocols = host.get_peerstore().get_protocols(peer_id)
+    except PeerStoreError:
+        return None
+    if not protocols:
+        return None
+    return str(KAD_PROTOCOL_ID) in protocols
+
+
+class ServerOnlyRoutingTable:
+    """Gate in front of ``RoutingTable.add_peer`` that keeps DHT clients out.
+
+    A peer not yet identified is checked in the background (identify, then add if it
+    serves the DHT) so that the DHT request that brought it is not delayed.
+    """
+
+    #: How long an unidentified peer may take to answer identify.
+    IDENTIFY_TIMEOUT = 5.0
+
+    def __init__(self, host: IHost, table: RoutingTable) -> None:
+        self.host = host
+        self.table = table
+        self.trusted: set[ID] = set()
+        self.nursery: trio.Nursery | None = None
+        self._pending: set[ID] = set()
+        self._add_peer = table.add_peer
+        table.add_peer = self.add_peer  # type: ignore[method-assign]
+
+    async def add_peer(
+        self, peer_obj: PeerInfo | ID, *, skip_server_mode_check: bool = False
+    ) -> bool:
+        """Add ``peer_obj`` if it is a trusted bootstrap peer or serves the DHT."""
+        peer_id = peer_obj.peer_id if isinstance(peer_obj, PeerInfo) else peer_obj
+        if peer_id in self.trusted:
+            return await self._add_peer(peer_obj, skip_server_mode_check=True)
+        serves = _serves_kad(self.host, peer_id)
+        if serves is None and self.nursery is not None and peer_id not in self._pending:
+            self._pending.add(peer_id)
+            self.nursery.start_soon(self._identify_then_add, peer_obj)
+        if not serves:
+            return False
+        return await self._add_peer(peer_obj, skip_server_mode_check=True)
+
+    async def _identify_then_add(self, peer_obj: PeerInfo | ID) -> None:
+        peer_id = peer_obj.peer_id if isinstance(peer_obj, PeerInfo) else peer_obj
+        try:
+            if isinstance(self.host, BasicHost):
+                with trio.move_on_after(self.IDENTIFY_TIMEOUT):
+                    await self.host._identify_peer(peer_id, reason="lloom-routing-table")
+            if _serves_kad(self.host, peer_id):
+                await self._add_peer(peer_obj, skip_server_mode_check=True)
+            else:
+                logger.debug("%s is not a DHT server; kept out of the routing table", peer_id)
+        finally:
+            self._pending.discard(peer_id)
+
+
 class Dht:
     """A node's view of the lloom DHT: keys are binary CIDs from :mod:`lloom.dhtkeys`."""
 
@@ -107,15 +175,36 @@ class Dht:
             DHTMode.SERVER if server else DHTMode.CLIENT,
             enable_random_walk=False,
         )
+        self.gate = ServerOnlyRoutingTable(host, self.kad.routing_table)
         host.get_network().register_notifee(PeerJanitor(self.kad))
 
     async def add_bootstrap_peer(self, peer_id: ID) -> bool:
         """Add a connected validator to the routing table (it is a DHT server)."""
+        self.gate.trusted.add(peer_id)
         return await self.kad.add_peer(peer_id, skip_server_mode_check=True)
 
-    async def provide(self, key: bytes) -> bool:
-        """Announce that this node provides ``key``; True if any DHT server took it."""
-        return await self.kad.provide(cid_string(key))
+    async def provide(self, key: bytes, *, confirm_timeout: float = 5.0) -> bool:
+        """Announce that this node provides ``key``.
+
+        ADD_PROVIDER is fire-and-forget (as in Kubo), so the announcement is confirmed by
+        asking the DHT servers in the routing table until one lists this node. Returns
+        True once confirmed, False if no server has the record within ``confirm_timeout``.
+        """
+        if not await self.kad.provide(cid_string(key)):
+            return False
+        mh = key[2:]
+        me = self.host.get_id()
+        store = self.kad.provider_store
+        with trio.move_on_after(confirm_timeout):
+            delay = 0.005
+            while True:
+                for peer in self.kad.routing_table.get_peer_ids():
+                    found, _closer = await store._get_providers_from_peer_with_closers(peer, mh)
+                    if any(p.peer_id == me for p in found):
+                        return True
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+        return False
 
     async def find_providers(
         self, key: bytes, *, count: int = 20, timeout: float = 10.0

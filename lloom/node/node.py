@@ -134,6 +134,13 @@ class Node:
         return time.perf_counter() - start
 
 
+async def _close_host(host: IHost) -> None:
+    """Close every connection and listener, even while being cancelled. py-libp2p's
+    ``host.run`` leaves connections open on exit; peers would only notice much later."""
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        await host.close()
+
+
 @asynccontextmanager
 async def open_node(identity: Identity, config: NodeConfig) -> AsyncIterator[Node]:
     """Start a node, bootstrap it, keep it bootstrapped; stop everything on exit."""
@@ -141,6 +148,7 @@ async def open_node(identity: Identity, config: NodeConfig) -> AsyncIterator[Nod
     host = build_host(identity, config.listen, config.announce or None)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(host.run(config.listen))
+        stack.push_async_callback(_close_host, host)
         node = Node(identity, config, host)
         await stack.enter_async_context(background_trio_service(node.dht.kad))
         if config.pubsub:
@@ -157,6 +165,7 @@ async def open_node(identity: Identity, config: NodeConfig) -> AsyncIterator[Nod
             await node.pubsub.wait_until_ready()
         await node.bootstrap()
         nursery = await stack.enter_async_context(trio.open_nursery())
+        node.dht.gate.nursery = nursery
         if node._bootstrap_infos:
             nursery.start_soon(node._maintain_bootstrap)
         try:

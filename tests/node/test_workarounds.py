@@ -1,0 +1,146 @@
+"""Each py-libp2p 0.8.1 workaround, with a test that fails without it."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import libp2p.network.swarm as swarm_module
+import pytest
+import trio
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.peer.envelope import seal_record
+from libp2p.peer.id import ID
+from libp2p.peer.peer_record import PeerRecord
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.peer.peerstore import PeerStore
+from multiaddr import Multiaddr
+
+from lloom.dhtkeys import cid_key, executor_role_key
+from lloom.identity import Identity
+from lloom.logs import NOISY_LIBP2P_LOGGERS, configure_logging
+from lloom.node.dht import dedupe_providers, forget_peer
+from lloom.node.host import build_host
+from lloom.node.patches import _original_consume, tolerant_consume_signed_record
+from tests.node.conftest import network
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_dial_does_not_wait_for_happy_eyeballs() -> None:
+    a = build_host(Identity.generate(), [Multiaddr("/ip4/127.0.0.1/tcp/0")])
+    b = build_host(Identity.generate(), [Multiaddr("/ip4/127.0.0.1/tcp/0")])
+    assert swarm_module._HAPPY_EYEBALLS_DELAY == 0
+    listen = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    async with a.run(listen), b.run(listen):
+        from libp2p.peer.peerinfo import info_from_p2p_addr
+
+        start = time.perf_counter()
+        await b.connect(info_from_p2p_addr(a.get_addrs()[0]))
+        elapsed = time.perf_counter() - start
+    # Unpatched, every dial takes at least the 250 ms happy-eyeballs delay.
+    assert elapsed < 0.2, f"dial took {elapsed * 1000:.0f} ms"
+
+
+async def test_lookup_sees_providers_that_arrived_after_a_cached_answer() -> None:
+    key = executor_role_key()
+    async with network(3) as (_validator, (finder, first, second)):
+        assert await first.dht.provide(key)
+        found = await finder.dht.find_providers(key)
+        assert [p.peer_id for p in found] == [first.peer_id]
+        # py-libp2p now holds a cached answer; unpatched it would return it forever.
+        assert await second.dht.provide(key)
+        found = await finder.dht.find_providers(key)
+        assert {p.peer_id for p in found} == {first.peer_id, second.peer_id}
+
+
+async def test_lookup_never_returns_self_and_unknown_key_is_empty() -> None:
+    key = cid_key("lloom/model/nobody/v1")
+    async with network(1) as (_validator, (node,)):
+        assert await node.dht.provide(executor_role_key())
+        assert await node.dht.find_providers(key, timeout=5) == []
+        assert await node.dht.find_providers(executor_role_key(), timeout=5) == []
+
+
+def test_dedupe_providers_merges_addresses_and_drops_self() -> None:
+    a, b, me = (Identity.generate().peer_id for _ in range(3))
+    m1, m2 = Multiaddr("/ip4/127.0.0.1/tcp/1"), Multiaddr("/ip4/127.0.0.1/tcp/2")
+    merged = dedupe_providers(
+        [PeerInfo(a, [m1]), PeerInfo(b, [m2]), PeerInfo(a, [m2, m1]), PeerInfo(me, [m1])],
+        exclude=me,
+    )
+    assert [(p.peer_id, p.addrs) for p in merged] == [(a, [m1, m2]), (b, [m2])]
+
+
+async def test_forget_peer_removes_routing_entry_and_provider_records() -> None:
+    key = executor_role_key()
+    async with network(1) as (validator, (provider,)):
+        assert await provider.dht.provide(key)
+        store = validator.dht.kad.provider_store
+        assert store.get_providers(key[2:])
+        assert forget_peer(validator.dht.kad, provider.peer_id) == 1
+        assert not store.get_providers(key[2:])
+        table = provider.dht.kad.routing_table
+        assert table.peer_in_table(validator.peer_id)
+        forget_peer(provider.dht.kad, validator.peer_id)
+        assert not table.peer_in_table(validator.peer_id)
+
+
+async def test_validator_keeps_dht_clients_out_of_its_routing_table() -> None:
+    key = executor_role_key()
+    async with network(3) as (validator, clients):
+        for node in clients:
+            assert await node.dht.provide(key)
+            await node.dht.find_providers(key)
+        table = validator.dht.kad.routing_table
+        # Unpatched, every client that opened a DHT stream was in the table and handed out.
+        assert not any(table.peer_in_table(n.peer_id) for n in clients)
+        assert table.size() == 0
+
+
+def _signed_record(ident: Identity, seq: int) -> bytes:
+    record = PeerRecord(ident.peer_id, [Multiaddr("/ip4/127.0.0.1/tcp/4001")], seq)
+    return seal_record(record, ident.keypair.private_key).marshal_envelope()
+
+
+class _FakeHost:
+    def __init__(self) -> None:
+        self.store = PeerStore()
+
+    def get_peerstore(self) -> PeerStore:
+        return self.store
+
+
+def test_provider_with_an_older_signed_record_is_kept() -> None:
+    ident = Identity.generate()
+    host = _FakeHost()
+    newer = Message.Peer(id=ident.peer_id.to_bytes(), signedRecord=_signed_record(ident, 2))
+    older = Message.Peer(id=ident.peer_id.to_bytes(), signedRecord=_signed_record(ident, 1))
+    assert _original_consume(newer, host)
+    # The defect: py-libp2p drops the provider because its record is older.
+    assert not _original_consume(older, host)
+    assert tolerant_consume_signed_record(older, host)
+
+
+def test_forged_signed_record_is_still_rejected() -> None:
+    ident, other = Identity.generate(), Identity.generate()
+    forged = Message.Peer(id=ident.peer_id.to_bytes(), signedRecord=_signed_record(other, 1))
+    assert not tolerant_consume_signed_record(forged, _FakeHost())
+    garbage = Message.Peer(id=ident.peer_id.to_bytes(), signedRecord=b"\x01\x02garbage")
+    assert not tolerant_consume_signed_record(garbage, _FakeHost())
+    assert ID(forged.id) == ident.peer_id
+
+
+def test_libp2p_logging_is_configured() -> None:
+    configure_logging(0)
+    assert logging.getLogger("libp2p").getEffectiveLevel() == logging.WARNING
+    for name in NOISY_LIBP2P_LOGGERS:
+        assert logging.getLogger(name + ".sub").getEffectiveLevel() == logging.CRITICAL
+    assert logging.getLogger("lloom.node").getEffectiveLevel() == logging.INFO
+    configure_logging(2)
+    assert logging.getLogger("libp2p.kad_dht").getEffectiveLevel() == logging.DEBUG
+    configure_logging(0)
+
+
+async def test_trio_checkpoint() -> None:
+    await trio.lowlevel.checkpoint()
