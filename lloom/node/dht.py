@@ -195,9 +195,10 @@ class Dht:
         mh = key[2:]
         me = self.host.get_id()
         store = self.kad.provider_store
-        with trio.move_on_after(confirm_timeout):
-            delay = 0.005
-            while True:
+        deadline = trio.current_time() + confirm_timeout
+        delay = 0.005
+        with trio.move_on_at(deadline):
+            while trio.current_time() < deadline:
                 for peer in self.kad.routing_table.get_peer_ids():
                     found, _closer = await store._get_providers_from_peer_with_closers(peer, mh)
                     if any(p.peer_id == me for p in found):

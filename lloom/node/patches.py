@@ -17,7 +17,7 @@ from typing import Any
 
 import libp2p.kad_dht.provider_store as provider_store_module
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
-from libp2p.kad_dht.utils import maybe_consume_signed_record as _original_consume
+from libp2p.kad_dht.utils import maybe_consume_signed_record as original_consume
 from libp2p.peer.envelope import consume_envelope
 from libp2p.peer.id import ID
 
@@ -49,7 +49,7 @@ def _record_is_authentic(msg: Any, expected: ID | None) -> bool:
 def tolerant_consume_signed_record(msg: Any, host: Any, peer_id: ID | None = None) -> bool:
     """Like py-libp2p's ``maybe_consume_signed_record``, but a validly signed record
     that is merely older than the one held does not cause the peer to be dropped."""
-    if _original_consume(msg, host, peer_id):
+    if original_consume(msg, host, peer_id):
         return True
     if _record_is_authentic(msg, peer_id):
         logger.debug("keeping a peer whose signed record is older than the one held")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import libp2p.network.swarm as swarm_module
 import pytest
 import trio
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.kad_dht.utils import maybe_consume_signed_record as original_consume
 from libp2p.peer.envelope import seal_record
 from libp2p.peer.id import ID
 from libp2p.peer.peer_record import PeerRecord
@@ -21,7 +23,7 @@ from lloom.identity import Identity
 from lloom.logs import NOISY_LIBP2P_LOGGERS, configure_logging
 from lloom.node.dht import dedupe_providers, forget_peer
 from lloom.node.host import build_host
-from lloom.node.patches import _original_consume, tolerant_consume_signed_record
+from lloom.node.patches import tolerant_consume_signed_record
 from tests.node.conftest import network
 
 pytestmark = pytest.mark.timeout(60)
@@ -104,6 +106,8 @@ def _signed_record(ident: Identity, seq: int) -> bytes:
 
 
 class _FakeHost:
+    """Only the peerstore of a host, which is all record consumption touches."""
+
     def __init__(self) -> None:
         self.store = PeerStore()
 
@@ -111,23 +115,27 @@ class _FakeHost:
         return self.store
 
 
+def _host() -> Any:
+    return _FakeHost()
+
+
 def test_provider_with_an_older_signed_record_is_kept() -> None:
     ident = Identity.generate()
-    host = _FakeHost()
+    host = _host()
     newer = Message.Peer(id=ident.peer_id.to_bytes(), signedRecord=_signed_record(ident, 2))
     older = Message.Peer(id=ident.peer_id.to_bytes(), signedRecord=_signed_record(ident, 1))
-    assert _original_consume(newer, host)
+    assert original_consume(newer, host)
     # The defect: py-libp2p drops the provider because its record is older.
-    assert not _original_consume(older, host)
+    assert not original_consume(older, host)
     assert tolerant_consume_signed_record(older, host)
 
 
 def test_forged_signed_record_is_still_rejected() -> None:
     ident, other = Identity.generate(), Identity.generate()
     forged = Message.Peer(id=ident.peer_id.to_bytes(), signedRecord=_signed_record(other, 1))
-    assert not tolerant_consume_signed_record(forged, _FakeHost())
+    assert not tolerant_consume_signed_record(forged, _host())
     garbage = Message.Peer(id=ident.peer_id.to_bytes(), signedRecord=b"\x01\x02garbage")
-    assert not tolerant_consume_signed_record(garbage, _FakeHost())
+    assert not tolerant_consume_signed_record(garbage, _host())
     assert ID(forged.id) == ident.peer_id
 
 
