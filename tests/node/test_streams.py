@@ -21,12 +21,13 @@ from lloom.node.streams import FramedStream
 pytestmark = pytest.mark.timeout(60)
 
 PROTO = TProtocol("/lloom/test/1")
+Handler = Callable[[INetStream], Awaitable[None]]
 LISTEN = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
 
 
 @asynccontextmanager
 async def stream_to(
-    server: Callable[[INetStream], Awaitable[None]],
+    server: Handler,
 ) -> AsyncIterator[FramedStream]:
     """A framed client stream to a host whose handler is ``server``."""
     a = build_host(Identity.generate(), LISTEN)
@@ -81,19 +82,19 @@ async def _raw_server(
     ],
 )
 async def test_bad_input_raises_protocol_error(data: bytes, error: type[Exception]) -> None:
-    async with stream_to(await _raw_server(data)) as s:
+    async with stream_to(_raw_server(data)) as s:
         with trio.fail_after(5), pytest.raises(error):
             await s.read_frame()
 
 
 async def test_clean_eof_between_frames_is_none() -> None:
-    async with stream_to(await _raw_server(encode_frame(b"one"))) as s:
+    async with stream_to(_raw_server(encode_frame(b"one"))) as s:
         assert await s.read_frame() == b"one"
         assert await s.read_frame() is None
 
 
 async def test_silent_peer_times_out() -> None:
-    async with stream_to(await _raw_server(b"\x05ab", then_close=False)) as s:
+    async with stream_to(_raw_server(b"\x05ab", then_close=False)) as s:
         start = trio.current_time()
         with pytest.raises(PeerTimeout):
             await s.read_frame(timeout=0.3)
@@ -101,6 +102,6 @@ async def test_silent_peer_times_out() -> None:
 
 
 async def test_refuses_to_send_oversized() -> None:
-    async with stream_to(await _raw_server(b"")) as s:
+    async with stream_to(_raw_server(b"")) as s:
         with pytest.raises(FrameTooLarge):
             await s.write_frame(b"x" * 1025)
