@@ -59,9 +59,7 @@ async def test_echo_round_trip() -> None:
             assert await s.read_frame() == payload[::-1]
 
 
-async def _raw_server(
-    data: bytes, then_close: bool = True
-) -> Callable[[INetStream], Awaitable[None]]:
+def _raw_server(data: bytes, then_close: bool = True) -> Callable[[INetStream], Awaitable[None]]:
     async def handler(stream: INetStream) -> None:
         await stream.write(data)
         if then_close:
