@@ -9,9 +9,14 @@
     ├── ProtocolError         a peer sent bytes that break a lloom wire protocol
     │   ├── FrameTooLarge
     │   └── TruncatedFrame
-    └── NetworkError          libp2p I/O failed (dial, stream, DHT)
-        ├── DialError
-        └── PeerTimeout
+    ├── NetworkError          libp2p I/O failed (dial, stream, DHT)
+    │   ├── DialError
+    │   └── PeerTimeout
+    ├── BackendError          an executor's LLM backend failed
+    │   ├── BackendUnreachable
+    │   ├── BackendTimeout
+    │   └── BackendHTTPError  the backend answered with an HTTP error (status kept)
+    └── RemoteError           a peer answered a request with an error frame (code kept)
 
 Library errors are translated at the boundary with ``raise ... from exc`` so callers only
 ever need to catch ``LloomError`` subclasses.
@@ -60,3 +65,33 @@ class DialError(NetworkError):
 
 class PeerTimeout(NetworkError):
     """A peer did not answer within the allowed time."""
+
+
+class BackendError(LloomError):
+    """An OpenAI-compatible backend of an executor failed."""
+
+
+class BackendUnreachable(BackendError):
+    """The backend could not be connected to."""
+
+
+class BackendTimeout(BackendError):
+    """The backend did not answer in time."""
+
+
+class BackendHTTPError(BackendError):
+    """The backend answered with an HTTP error; ``status`` and its message are kept."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"backend returned HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class RemoteError(LloomError):
+    """A peer answered with an error frame; ``code`` says which kind."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
