@@ -16,7 +16,12 @@
     │   ├── BackendUnreachable
     │   ├── BackendTimeout
     │   └── BackendHTTPError  the backend answered with an HTTP error (status kept)
-    └── RemoteError           a peer answered a request with an error frame (code kept)
+    ├── RemoteError           a peer answered a request with an error frame (code kept)
+    └── ClientError           a client could not get an answer
+        ├── NoExecutorError       nobody serves the model
+        ├── AllExecutorsFailed    every executor tried failed before the first token
+        ├── RequestTimeout        no answer within the client's timeout
+        └── PartialResponseError  an executor failed after tokens were delivered
 
 Library errors are translated at the boundary with ``raise ... from exc`` so callers only
 ever need to catch ``LloomError`` subclasses.
@@ -95,3 +100,28 @@ class RemoteError(LloomError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class ClientError(LloomError):
+    """A client could not get an answer."""
+
+
+class NoExecutorError(ClientError):
+    """No executor serving the requested model was found."""
+
+
+class AllExecutorsFailed(ClientError):
+    """Every executor tried failed before delivering a token; ``errors`` says why."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        detail = "; ".join(f"{peer[:16]}…: {why}" for peer, why in errors)
+        super().__init__(f"all {len(errors)} executor(s) failed: {detail}")
+        self.errors = errors
+
+
+class RequestTimeout(ClientError):
+    """The request did not complete within the client's timeout."""
+
+
+class PartialResponseError(ClientError):
+    """An executor failed after part of the answer was delivered."""

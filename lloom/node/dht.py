@@ -42,6 +42,9 @@ from lloom.dhtkeys import cid_string
 
 logger = logging.getLogger(__name__)
 
+#: ADD_PROVIDER messages a validator accepts from one peer per 10 s.
+PROVIDER_RATE_MAX = 500
+
 
 def dedupe_providers(providers: Iterable[PeerInfo], exclude: ID | None = None) -> list[PeerInfo]:
     """Merge providers by PeerId (addresses united, first-seen order kept)."""
@@ -175,6 +178,10 @@ class Dht:
             DHTMode.SERVER if server else DHTMode.CLIENT,
             enable_random_walk=False,
         )
+        if server:
+            # py-libp2p accepts 10 ADD_PROVIDER per peer per 10 s; an executor announces
+            # one key per model, so a validator would refuse executors with many models.
+            self.kad._provider_rate_max = PROVIDER_RATE_MAX
         self.gate = ServerOnlyRoutingTable(host, self.kad.routing_table)
         host.get_network().register_notifee(PeerJanitor(self.kad))
 

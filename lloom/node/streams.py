@@ -23,17 +23,23 @@ READ_CHUNK = 64 * 1024
 
 
 class FramedStream:
-    """Length-prefixed frames over an :class:`INetStream`."""
+    """Length-prefixed frames over an :class:`INetStream`.
+
+    ``max_frame`` bounds what is read, ``max_write_frame`` (default the same) what is
+    written: an executor accepts small requests but may send large responses.
+    """
 
     def __init__(
         self,
         stream: INetStream,
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
+        max_write_frame: int | None = None,
         read_timeout: float = 30.0,
     ) -> None:
         self.stream = stream
         self.max_frame = max_frame
+        self.max_write_frame = max_frame if max_write_frame is None else max_write_frame
         self.read_timeout = read_timeout
         self._decoder = FrameDecoder(max_frame)
         self._ready: deque[bytes] = deque()
@@ -65,7 +71,7 @@ class FramedStream:
 
     async def write_frame(self, payload: bytes, timeout: float | None = None) -> None:
         """Write one frame; raises :class:`NetworkError` if the stream is gone."""
-        data = encode_frame(payload, self.max_frame)
+        data = encode_frame(payload, self.max_write_frame)
         limit = self.read_timeout if timeout is None else timeout
         try:
             with trio.fail_after(limit):

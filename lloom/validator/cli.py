@@ -12,6 +12,7 @@ import argparse
 import logging
 
 import trio
+from libp2p.abc import ISubscriptionAPI
 
 from lloom import __version__
 from lloom.cli.common import (
@@ -26,6 +27,7 @@ from lloom.errors import LloomError
 from lloom.identity import Identity
 from lloom.logs import configure_logging
 from lloom.node.node import NodeConfig, open_node, parse_multiaddr_list
+from lloom.protocol.announce import TOPIC as ANNOUNCE_TOPIC
 from lloom.roles import announce_ready, ready_line, shutdown_signals, wait_for_signal
 
 logger = logging.getLogger("lloom.validator")
@@ -80,10 +82,21 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 async def serve(identity: Identity, config: NodeConfig) -> None:
     """Run a validator until SIGINT/SIGTERM."""
     with shutdown_signals() as signals:
-        async with open_node(identity, config) as node:
+        async with open_node(identity, config) as node, trio.open_nursery() as nursery:
+            if node.pubsub is not None:
+                # Validators join the announcement topic so its mesh forms through them.
+                subscription = await node.pubsub.subscribe(ANNOUNCE_TOPIC)
+                nursery.start_soon(_drain, subscription)
             announce_ready(ready_line(node, "validator"))
             logger.info("validator %s (%s) ready", node.peer_id, identity.address)
             await wait_for_signal(signals)
+            nursery.cancel_scope.cancel()
+
+
+async def _drain(subscription: ISubscriptionAPI) -> None:
+    """Read and drop relayed messages so the subscription queue never fills."""
+    while True:
+        await subscription.get()
 
 
 def main(argv: list[str] | None = None) -> int:

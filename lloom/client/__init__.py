@@ -1,0 +1,1 @@
+"""The client role: find executors for a model, send requests, fail over."""

@@ -1,0 +1,193 @@
+"""``lloom-client``: ask the network a question from the command line.
+
+Finds executors for the model through the validators, orders them by measured latency and
+announced load, sends the request and streams the answer to stdout; diagnostics go to
+stderr. If an executor fails before its first token, the next one is tried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+import trio
+
+from lloom import __version__
+from lloom.cli.common import EXIT_OK, add_identity_args, identity_from_args, run_main
+from lloom.client.discovery import ordered_executors
+from lloom.client.session import Result, request_with_failover
+from lloom.errors import (
+    AllExecutorsFailed,
+    LloomError,
+    NetworkError,
+    NoExecutorError,
+    PartialResponseError,
+    RemoteError,
+    RequestTimeout,
+    UsageError,
+)
+from lloom.identity import Identity
+from lloom.logs import configure_logging
+from lloom.node.node import NodeConfig, open_node, parse_multiaddr_list
+from lloom.protocol import llm
+
+logger = logging.getLogger("lloom.client")
+
+#: Exit codes of ``lloom-client`` (documented in docs/client.md).
+EXIT_CODES = {
+    "ok": 0,
+    "failure": 1,
+    "usage": 2,
+    "no_executor": 3,
+    "all_failed": 4,
+    "timeout": 5,
+    "partial": 6,
+    "rejected": 7,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lloom-client``."""
+    parser = argparse.ArgumentParser(
+        prog="lloom-client", description="Send a prompt to the lloom network."
+    )
+    add_identity_args(parser)
+    parser.add_argument(
+        "--bootstrap-nodes",
+        required=True,
+        metavar="MULTIADDR,...",
+        help="validators to ask, each ending in /p2p/<PeerId>",
+    )
+    parser.add_argument("--model", required=True, help="network model id")
+    parser.add_argument("--prompt", required=True, help="the user message")
+    parser.add_argument("--system", help="a system message sent before the prompt")
+    parser.add_argument("--max-tokens", type=int, metavar="N", help="completion token limit")
+    parser.add_argument("--temperature", type=float, metavar="T", help="sampling temperature")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, metavar="SECONDS", help="overall timeout"
+    )
+    parser.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object with text, usage, executor"
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: libp2p too)"
+    )
+    parser.add_argument("--version", action="version", version=f"lloom {__version__}")
+    return parser
+
+
+def request_from_args(args: argparse.Namespace) -> llm.Request:
+    """The chat request the flags describe (validated)."""
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": args.prompt})
+    body: dict[str, Any] = {"model": args.model, "messages": messages, "stream": not args.no_stream}
+    if args.max_tokens is not None:
+        body["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        body["temperature"] = args.temperature
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    return llm.Request(llm.RequestKind.CHAT, llm.normalize_chat_body(body))
+
+
+async def ask(identity: Identity, args: argparse.Namespace, request: llm.Request) -> Result:
+    """Discover, order, send with failover; stream text to stdout unless ``--json``."""
+    config = NodeConfig(bootstrap=parse_multiaddr_list(args.bootstrap_nodes, need_peer_id=True))
+    printing = not args.json
+    texts: list[str] = []
+
+    async def on_chunk(chunk: dict[str, Any]) -> None:
+        for choice in chunk.get("choices") or []:
+            piece = (choice.get("delta") or {}).get("content") or ""
+            if piece:
+                texts.append(piece)
+                if printing:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+
+    with trio.fail_after(args.timeout):
+        async with open_node(identity, config) as node:
+            if not node.host.get_connected_peers():
+                raise NetworkError("no bootstrap node reachable")
+            candidates = await ordered_executors(node, request.model)
+            logger.debug(
+                "executors for %s: %s", request.model, [str(c.peer_id) for c in candidates]
+            )
+            result = await request_with_failover(
+                node, candidates, request, on_chunk, total_timeout=args.timeout
+            )
+    if result.response is not None:
+        text = "".join(
+            str((c.get("message") or {}).get("content") or "")
+            for c in result.response.get("choices") or []
+        )
+    else:
+        text = "".join(texts)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "model": result.end.model,
+                    "executor": str(result.executor),
+                    "request_id": result.end.request_id,
+                    "usage": result.end.usage.to_json(),
+                    "usage_source": result.end.usage_source,
+                }
+            )
+        )
+    else:
+        if result.response is not None:
+            sys.stdout.write(text)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return result
+
+
+_EXIT_BY_ERROR: tuple[tuple[type[LloomError], str], ...] = (
+    (UsageError, "usage"),
+    (NoExecutorError, "no_executor"),
+    (AllExecutorsFailed, "all_failed"),
+    (RequestTimeout, "timeout"),
+    (PartialResponseError, "partial"),
+    (RemoteError, "rejected"),
+)
+
+
+def exit_code_for(exc: LloomError) -> int:
+    """The documented exit code for a failure."""
+    for kind, name in _EXIT_BY_ERROR:
+        if isinstance(exc, kind):
+            return EXIT_CODES[name]
+    return EXIT_CODES["failure"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``lloom-client`` with ``argv``; return the exit code."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        request = request_from_args(args)
+        identity = identity_from_args(args, role="client")
+        trio.run(ask, identity, args, request)
+    except trio.TooSlowError:
+        print(f"\nerror: no answer within {args.timeout:g} s", file=sys.stderr)
+        return EXIT_CODES["timeout"]
+    except LloomError as exc:
+        prefix = "\n" if isinstance(exc, PartialResponseError) else ""
+        print(f"{prefix}error: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_OK
+
+
+def run() -> None:
+    """Console-script entry point."""
+    run_main(main)

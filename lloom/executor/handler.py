@@ -1,0 +1,286 @@
+"""Serving one request on one stream: validate, call the backend, stream back, store usage.
+
+The handler talks to the world through three seams so tests can swap each:
+a :class:`Backend` (an OpenAI-compatible server), a :class:`UsageSink` (the durable usage
+store) and the framed stream itself. Every request ends with exactly one terminal frame,
+``end`` or ``error``, and the usage row is stored *before* ``end`` is sent, so an answered
+request is never lost, even if the executor is killed right after.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+from lloom.executor.usage import UsageRecord
+from lloom.tokens import count_chat_prompt, count_text
+
+from lloom.errors import (
+    BackendError,
+    BackendHTTPError,
+    BackendTimeout,
+    BackendUnreachable,
+    FrameTooLarge,
+    NetworkError,
+    ProtocolError,
+    UsageError,
+)
+from lloom.node.streams import FramedStream
+from lloom.protocol import llm
+from lloom.protocol.llm import ErrorCode, RequestKind
+
+logger = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """An OpenAI-compatible backend (see :mod:`lloom.executor.backend`)."""
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A complete chat completion."""
+        ...
+
+    def chat_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Chat completion chunks."""
+        ...
+
+    async def completions(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A complete legacy completion."""
+        ...
+
+    def completions_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Legacy completion chunks."""
+        ...
+
+
+class UsageSink(Protocol):
+    """Where completed requests are recorded, durably, before the client is told."""
+
+    async def record(self, rec: UsageRecord) -> None:
+        """Store one record; returns only once it is durable."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-executor limits."""
+
+    max_concurrent_requests: int = 16
+    request_timeout_secs: float = 300.0
+    max_request_bytes: int = 1_048_576
+    #: How long a client may take to send its request after opening the stream.
+    first_frame_timeout_secs: float = 30.0
+
+
+class RequestFailed(Exception):
+    """Internal: carries the error frame to send."""
+
+    def __init__(self, error: llm.Error) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _fail(code: ErrorCode, message: str, status: int = 0) -> RequestFailed:
+    return RequestFailed(llm.Error(code, message, status))
+
+
+@dataclass
+class _Outcome:
+    """What a backend call produced, for usage accounting."""
+
+    text: str
+    usage: llm.Usage | None
+
+
+class RequestHandler:
+    """Serves ``/lloom/llm/1.0.0`` requests with a set of backends."""
+
+    def __init__(self, backends: Mapping[str, Backend], usage: UsageSink, limits: Limits) -> None:
+        self.backends = dict(backends)
+        self.usage = usage
+        self.limits = limits
+        self._slots = trio.Semaphore(limits.max_concurrent_requests)
+        self.active = 0
+        self.served = 0
+
+    @property
+    def models(self) -> list[str]:
+        """Network model ids served, sorted."""
+        return sorted(self.backends)
+
+    async def handle(self, framed: FramedStream, client_address: str) -> None:
+        """Serve one request on ``framed`` for the client at ``client_address``."""
+        try:
+            request = await self._read_request(framed)
+            backend = self.backends.get(request.model)
+            if backend is None:
+                raise _fail(
+                    ErrorCode.UNKNOWN_MODEL,
+                    f"model {request.model!r} is not served here; served: "
+                    + ", ".join(self.models),
+                )
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                raise _fail(
+                    ErrorCode.BUSY,
+                    f"executor busy ({self.limits.max_concurrent_requests} requests running)",
+                ) from None
+            self.active += 1
+            try:
+                await self._serve(framed, request, backend, client_address)
+            finally:
+                self.active -= 1
+                self._slots.release()
+        except RequestFailed as failed:
+            await self._send_error(framed, failed.error)
+            return
+        except NetworkError as exc:
+            logger.info("client %s went away: %s", client_address, exc)
+            await framed.reset()
+            return
+        await framed.close()
+
+    async def _read_request(self, framed: FramedStream) -> llm.Request:
+        try:
+            frame = await framed.read_frame(timeout=self.limits.first_frame_timeout_secs)
+        except FrameTooLarge as exc:
+            raise _fail(ErrorCode.TOO_LARGE, str(exc)) from None
+        except ProtocolError as exc:
+            raise _fail(ErrorCode.BAD_REQUEST, f"malformed frame: {exc}") from None
+        if frame is None:
+            raise NetworkError("stream closed before a request arrived")
+        try:
+            msg = llm.decode(frame)
+        except ProtocolError as exc:
+            raise _fail(ErrorCode.BAD_REQUEST, str(exc)) from None
+        if not isinstance(msg, llm.Request):
+            raise _fail(ErrorCode.BAD_REQUEST, "expected a request message")
+        try:
+            body = llm.normalize(msg.kind, msg.body)
+        except UsageError as exc:
+            raise _fail(ErrorCode.BAD_REQUEST, str(exc)) from None
+        return llm.Request(msg.kind, body)
+
+    async def _serve(
+        self, framed: FramedStream, request: llm.Request, backend: Backend, client: str
+    ) -> None:
+        started = time.time()
+        try:
+            with trio.fail_after(self.limits.request_timeout_secs):
+                if request.stream:
+                    outcome = await self._stream(framed, request, backend)
+                else:
+                    outcome = await self._complete(framed, request, backend)
+        except trio.TooSlowError:
+            raise _fail(
+                ErrorCode.BACKEND_TIMEOUT,
+                f"request exceeded {self.limits.request_timeout_secs:g} s",
+            ) from None
+        except BackendHTTPError as exc:
+            status = exc.status if 400 <= exc.status < 500 else 0
+            raise _fail(ErrorCode.BACKEND_ERROR, str(exc), status) from None
+        except BackendUnreachable as exc:
+            raise _fail(ErrorCode.BACKEND_UNREACHABLE, str(exc)) from None
+        except BackendTimeout as exc:
+            raise _fail(ErrorCode.BACKEND_TIMEOUT, str(exc)) from None
+        except BackendError as exc:
+            raise _fail(ErrorCode.BACKEND_ERROR, str(exc)) from None
+        usage, source = outcome.usage, "backend"
+        if usage is None:
+            usage, source = self._count(request, outcome.text), "counted"
+        record = UsageRecord(
+            request_id=uuid.uuid4().hex,
+            client_address=client,
+            model=request.model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            created_at=started,
+        )
+        await self.usage.record(record)
+        self.served += 1
+        await framed.write_frame(
+            llm.encode(llm.End(record.request_id, request.model, usage, source))
+        )
+
+    async def _complete(
+        self, framed: FramedStream, request: llm.Request, backend: Backend
+    ) -> _Outcome:
+        if request.kind is RequestKind.CHAT:
+            data = await backend.chat(request.body)
+        else:
+            data = await backend.completions(request.body)
+        await framed.write_frame(llm.encode(llm.Response(data)))
+        return _Outcome(_response_text(data), _maybe_usage(data.get("usage")))
+
+    async def _stream(
+        self, framed: FramedStream, request: llm.Request, backend: Backend
+    ) -> _Outcome:
+        chunks = (
+            backend.chat_stream(request.body)
+            if request.kind is RequestKind.CHAT
+            else backend.completions_stream(request.body)
+        )
+        parts: list[str] = []
+        usage: llm.Usage | None = None
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                if chunk.get("usage"):
+                    usage = _maybe_usage(chunk["usage"]) or usage
+                if not chunk.get("choices"):
+                    continue  # the usage-only chunk; usage travels in the end frame
+                parts.append(_chunk_text(chunk))
+                await framed.write_frame(llm.encode(llm.Chunk(chunk)))
+        return _Outcome("".join(parts), usage)
+
+    def _count(self, request: llm.Request, completion: str) -> llm.Usage:
+        body = request.body
+        if request.kind is RequestKind.CHAT:
+            prompt = count_chat_prompt(body["messages"])
+        else:
+            p = body["prompt"]
+            prompt = sum(count_text(x) for x in p) if isinstance(p, list) else count_text(p)
+        return llm.Usage(prompt, count_text(completion))
+
+    async def _send_error(self, framed: FramedStream, error: llm.Error) -> None:
+        logger.info("request failed: %s: %s", error.code.value, error.message)
+        try:
+            await framed.write_frame(llm.encode(error))
+        except NetworkError:
+            await framed.reset()
+            return
+        await framed.close()
+
+
+def _maybe_usage(obj: object) -> llm.Usage | None:
+    """The backend's usage report, or None if missing or malformed."""
+    if obj is None:
+        return None
+    try:
+        return llm.Usage.from_json(obj)
+    except ProtocolError:
+        logger.warning("backend reported malformed usage; counting tokens instead")
+        return None
+
+
+def _response_text(data: Mapping[str, Any]) -> str:
+    """The generated text of a complete chat or legacy completion object."""
+    parts: list[str] = []
+    for choice in data.get("choices") or []:
+        message = choice.get("message") or {}
+        parts.append(str(message.get("content") or choice.get("text") or ""))
+    return "".join(parts)
+
+
+def _chunk_text(chunk: Mapping[str, Any]) -> str:
+    """The text a stream chunk adds."""
+    parts: list[str] = []
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta") or {}
+        parts.append(str(delta.get("content") or choice.get("text") or ""))
+    return "".join(parts)

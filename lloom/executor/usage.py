@@ -1,0 +1,191 @@
+"""The executor's durable usage store: SQLite in the executor's data dir.
+
+Every completed request is written and committed (WAL, ``synchronous=FULL``) before the
+client is told the request ended, so an answered request survives a SIGKILL right after.
+The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades older
+files in place. The API is synchronous and thread-safe: async callers run it in a worker
+thread (:class:`AsyncUsageStore`).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import trio
+
+from lloom.errors import LloomError
+
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+#: Schema migrations; entry ``i`` upgrades a file from version ``i`` to ``i + 1``.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE usage (
+        request_id        TEXT PRIMARY KEY,
+        client_address    TEXT NOT NULL,
+        model             TEXT NOT NULL,
+        prompt_tokens     INTEGER NOT NULL CHECK (prompt_tokens >= 0),
+        completion_tokens INTEGER NOT NULL CHECK (completion_tokens >= 0),
+        created_at        REAL NOT NULL
+    );
+    CREATE INDEX usage_by_client ON usage (client_address);
+    """,
+)
+
+
+class UsageStoreError(LloomError):
+    """The usage store refused a record or could not be opened."""
+
+
+class DuplicateUsage(UsageStoreError):
+    """A record with this request id is already stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One completed request."""
+
+    request_id: str
+    client_address: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    created_at: float
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            raise UsageStoreError("usage record needs a request id")
+        if not _ADDRESS.fullmatch(self.client_address):
+            raise UsageStoreError(f"bad client address {self.client_address!r}")
+        if not self.model:
+            raise UsageStoreError("usage record needs a model")
+        for name in ("prompt_tokens", "completion_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UsageStoreError(f"{name} must be a non-negative integer")
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+_COLUMNS = "request_id, client_address, model, prompt_tokens, completion_tokens, created_at"
+
+
+class UsageStore:
+    """SQLite-backed, thread-safe usage records."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+        except (OSError, sqlite3.Error) as exc:
+            raise UsageStoreError(f"cannot open usage store {path}: {exc}") from None
+        self._lock = threading.Lock()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            if version > len(MIGRATIONS):
+                raise UsageStoreError(
+                    f"{self.path} has schema version {version}, newer than this lloom"
+                )
+            for number in range(version, len(MIGRATIONS)):
+                # One script per step: the schema change and its version land together.
+                step = MIGRATIONS[number]
+                self._db.executescript(
+                    f"BEGIN IMMEDIATE; {step} PRAGMA user_version={number + 1}; COMMIT;"
+                )
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open file."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def record(self, rec: UsageRecord) -> None:
+        """Store ``rec`` durably; raises :class:`DuplicateUsage` for a known request id."""
+        with self._lock:
+            try:
+                self._db.execute(
+                    f"INSERT INTO usage ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    (
+                        rec.request_id,
+                        rec.client_address,
+                        rec.model,
+                        rec.prompt_tokens,
+                        rec.completion_tokens,
+                        rec.created_at,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise DuplicateUsage(f"request {rec.request_id} is already recorded") from None
+
+    def get(self, request_id: str) -> UsageRecord | None:
+        """The record of ``request_id``, if any."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM usage WHERE request_id = ?",  # noqa: S608
+                (request_id,),
+            ).fetchone()
+        return UsageRecord(*row) if row else None
+
+    def all(self) -> list[UsageRecord]:
+        """Every record, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM usage ORDER BY created_at, request_id"  # noqa: S608
+            ).fetchall()
+        return [UsageRecord(*row) for row in rows]
+
+    def count(self) -> int:
+        """Number of records."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM usage").fetchone()[0])
+
+    def totals_by_client(self) -> dict[str, int]:
+        """Total tokens per client address."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT client_address, SUM(prompt_tokens + completion_tokens) "
+                "FROM usage GROUP BY client_address"
+            ).fetchall()
+        return {addr: int(total) for addr, total in rows}
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> UsageStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncUsageStore:
+    """The :class:`UsageSink` of the request handler: records in a worker thread."""
+
+    def __init__(self, store: UsageStore) -> None:
+        self.store = store
+
+    async def record(self, rec: UsageRecord) -> None:
+        """Store ``rec`` durably without blocking the event loop."""
+        await trio.to_thread.run_sync(self.store.record, rec)

@@ -1,0 +1,1 @@
+"""lloom's wire protocols as pure code: messages, validation, encoding. No I/O here."""

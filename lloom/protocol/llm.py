@@ -1,0 +1,334 @@
+"""The request protocol between a client and an executor: ``/lloom/llm/1.0.0``.
+
+One libp2p stream carries one request. Every message is one frame
+(:mod:`lloom.framing`) holding a UTF-8 JSON object with a type field ``t``::
+
+    client -> executor   {"t": "request", "kind": "chat"|"completion", "body": {...}}
+    executor -> client   {"t": "chunk", "data": {...}}        0..n, streaming only
+                         {"t": "response", "data": {...}}     non-streaming only
+                         {"t": "end", "request_id", "model", "usage": {...}, "usage_source"}
+                      or {"t": "error", "code", "message", "status"}
+
+``body`` is an OpenAI request body (``/v1/chat/completions`` or ``/v1/completions``);
+``data`` are OpenAI response objects or stream chunks, exactly as a backend produced them
+(with the network model id). Every exchange ends with exactly one terminal message,
+``end`` or ``error``: a killed executor looks like a clean end of stream, so a stream that
+ends without one is a failure. The usage an ``end`` states is what the executor stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from lloom.dhtkeys import validate_model_id
+from lloom.errors import ProtocolError, UsageError
+
+PROTOCOL_ID = "/lloom/llm/1.0.0"
+
+
+class ErrorCode(StrEnum):
+    """Why an executor refused or failed a request."""
+
+    BAD_REQUEST = "bad_request"
+    TOO_LARGE = "too_large"
+    UNKNOWN_MODEL = "unknown_model"
+    BUSY = "busy"
+    BACKEND_UNREACHABLE = "backend_unreachable"
+    BACKEND_ERROR = "backend_error"
+    BACKEND_TIMEOUT = "backend_timeout"
+    INTERNAL = "internal"
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status a gateway answers with for this error."""
+        return _STATUS[self]
+
+    @property
+    def retryable(self) -> bool:
+        """Whether another executor may succeed where this one failed."""
+        return self not in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE)
+
+
+_STATUS = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.UNKNOWN_MODEL: 404,
+    ErrorCode.BUSY: 503,
+    ErrorCode.BACKEND_UNREACHABLE: 502,
+    ErrorCode.BACKEND_ERROR: 502,
+    ErrorCode.BACKEND_TIMEOUT: 504,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+class RequestKind(StrEnum):
+    """Which OpenAI endpoint a request is for."""
+
+    CHAT = "chat"
+    COMPLETION = "completion"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "completion_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ProtocolError(f"usage.{name} must be a non-negative integer")
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_json(self) -> dict[str, int]:
+        """OpenAI's usage object."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> Usage:
+        """Parse OpenAI's usage object (``total_tokens`` must agree if present)."""
+        if not isinstance(obj, Mapping):
+            raise ProtocolError("usage must be an object")
+        usage = cls(obj.get("prompt_tokens"), obj.get("completion_tokens"))  # type: ignore[arg-type]
+        total = obj.get("total_tokens")
+        if total is not None and total != usage.total_tokens:
+            raise ProtocolError("usage.total_tokens is not prompt + completion")
+        return usage
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A client's request; ``body`` is the OpenAI request body."""
+
+    kind: RequestKind
+    body: dict[str, Any]
+
+    @property
+    def model(self) -> str:
+        """The requested network model id."""
+        return str(self.body["model"])
+
+    @property
+    def stream(self) -> bool:
+        """Whether the client asked for a streamed answer."""
+        return bool(self.body.get("stream", False))
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One streamed OpenAI chunk."""
+
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A complete (non-streamed) OpenAI response object."""
+
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """Successful end of a request: what the executor stored as usage."""
+
+    request_id: str
+    model: str
+    usage: Usage
+    usage_source: str = "backend"  # "backend" (reported) or "counted" (tiktoken)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Terminal failure of a request."""
+
+    code: ErrorCode
+    message: str
+    status: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        if not self.status:
+            object.__setattr__(self, "status", self.code.http_status)
+
+
+Message = Request | Chunk | Response | End | Error
+Terminal = End | Error
+
+
+def encode(msg: Message) -> bytes:
+    """Serialize a message to the bytes of one frame."""
+    obj: dict[str, Any]
+    match msg:
+        case Request(kind=kind, body=body):
+            obj = {"t": "request", "kind": kind.value, "body": body}
+        case Chunk(data=data):
+            obj = {"t": "chunk", "data": data}
+        case Response(data=data):
+            obj = {"t": "response", "data": data}
+        case End():
+            obj = {
+                "t": "end",
+                "request_id": msg.request_id,
+                "model": msg.model,
+                "usage": msg.usage.to_json(),
+                "usage_source": msg.usage_source,
+            }
+        case Error():
+            obj = {
+                "t": "error",
+                "code": msg.code.value,
+                "message": msg.message,
+                "status": msg.status,
+            }
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def decode(frame: bytes) -> Message:
+    """Parse one frame; raises :class:`ProtocolError` for anything malformed."""
+    try:
+        obj = json.loads(frame)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"frame is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("frame is not a JSON object")
+    kind = obj.get("t")
+    try:
+        if kind == "request":
+            return Request(RequestKind(obj["kind"]), _object(obj, "body"))
+        if kind == "chunk":
+            return Chunk(_object(obj, "data"))
+        if kind == "response":
+            return Response(_object(obj, "data"))
+        if kind == "end":
+            return End(
+                _string(obj, "request_id"),
+                _string(obj, "model"),
+                Usage.from_json(obj.get("usage")),
+                _string(obj, "usage_source"),
+            )
+        if kind == "error":
+            status = obj.get("status", 0)
+            if not isinstance(status, int):
+                raise ProtocolError("error.status must be an integer")
+            return Error(ErrorCode(obj["code"]), _string(obj, "message"), status)
+    except (KeyError, ValueError) as exc:
+        raise ProtocolError(f"malformed {kind} message: {exc}") from None
+    raise ProtocolError(f"unknown message type {kind!r}")
+
+
+def _object(obj: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = obj.get(key)
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{key} must be an object")
+    return value
+
+
+def _string(obj: Mapping[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise ProtocolError(f"{key} must be a string")
+    return value
+
+
+# --- request validation -------------------------------------------------------------------
+
+
+def _number(body: Mapping[str, Any], key: str, low: float, high: float) -> None:
+    value = body.get(key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UsageError(f"'{key}' must be a number")
+    if not low <= value <= high:
+        raise UsageError(f"'{key}' must be between {low:g} and {high:g}")
+
+
+def _validate_common(body: dict[str, Any]) -> None:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise UsageError("'model' is required and must be a string")
+    try:
+        validate_model_id(model)
+    except UsageError as exc:
+        raise UsageError(f"'model': {exc}") from None
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise UsageError("'max_tokens' must be a positive integer")
+    _number(body, "temperature", 0, 2)
+    _number(body, "top_p", 0, 1)
+    stop = body.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str)
+        or (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop))
+    ):
+        raise UsageError("'stop' must be a string or a list of at most 4 strings")
+    if not isinstance(body.get("stream", False), bool):
+        raise UsageError("'stream' must be a boolean")
+    n = body.get("n", 1)
+    if n != 1:
+        raise UsageError("'n' other than 1 is not supported")
+
+
+def normalize_chat_body(body: object) -> dict[str, Any]:
+    """Validate a chat-completions body and return it (a copy) in OpenAI form.
+
+    The design's simple ``{"model", "prompt"}`` form becomes one user message. Unknown
+    fields are passed through. Raises :class:`UsageError` naming the bad field.
+    """
+    if not isinstance(body, dict):
+        raise UsageError("request body must be a JSON object")
+    out = dict(body)
+    if "messages" not in out and isinstance(out.get("prompt"), str):
+        out["messages"] = [{"role": "user", "content": out.pop("prompt")}]
+    _validate_common(out)
+    messages = out.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise UsageError("'messages' must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise UsageError(f"'messages[{i}]' must be an object")
+        if not isinstance(message.get("role"), str):
+            raise UsageError(f"'messages[{i}].role' must be a string")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise UsageError(f"'messages[{i}].content' must be a string or a list of parts")
+    return out
+
+
+def normalize_completion_body(body: object) -> dict[str, Any]:
+    """Validate a legacy completions body (``prompt`` a string or list of strings)."""
+    if not isinstance(body, dict):
+        raise UsageError("request body must be a JSON object")
+    out = dict(body)
+    _validate_common(out)
+    prompt = out.get("prompt")
+    if not (
+        isinstance(prompt, str)
+        or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
+    ):
+        raise UsageError("'prompt' must be a string or a list of strings")
+    return out
+
+
+def normalize(kind: RequestKind, body: object) -> dict[str, Any]:
+    """Validate ``body`` for ``kind``."""
+    if kind is RequestKind.CHAT:
+        return normalize_chat_body(body)
+    return normalize_completion_body(body)

@@ -1,0 +1,107 @@
+"""The durable usage store."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lloom.executor.usage import (
+    AsyncUsageStore,
+    DuplicateUsage,
+    UsageRecord,
+    UsageStore,
+    UsageStoreError,
+)
+
+ADDR = "0x" + "ab" * 20
+
+
+def rec(i: int, client: str = ADDR) -> UsageRecord:
+    return UsageRecord(f"req-{i}", client, "m", 10 + i, 5, 1000.0 + i)
+
+
+def test_round_trip_and_totals(tmp_path: Path) -> None:
+    with UsageStore(tmp_path / "u.db") as store:
+        store.record(rec(1))
+        store.record(rec(2, "0x" + "cd" * 20))
+        assert store.get("req-1") == rec(1)
+        assert store.get("nope") is None
+        assert store.count() == 2
+        assert store.all() == [rec(1), rec(2, "0x" + "cd" * 20)]
+        assert store.totals_by_client() == {ADDR: 16, "0x" + "cd" * 20: 17}
+        assert store.schema_version == 1
+
+
+def test_duplicate_is_refused(tmp_path: Path) -> None:
+    with UsageStore(tmp_path / "u.db") as store:
+        store.record(rec(1))
+        with pytest.raises(DuplicateUsage):
+            store.record(rec(1))
+        assert store.count() == 1
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"request_id": ""},
+        {"client_address": "0x1234"},
+        {"model": ""},
+        {"prompt_tokens": -1},
+        {"completion_tokens": 1.5},
+        {"prompt_tokens": True},
+    ],
+)
+def test_bad_records(fields: dict[str, object]) -> None:
+    base: dict[str, object] = {
+        "request_id": "r",
+        "client_address": ADDR,
+        "model": "m",
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "created_at": 0.0,
+    }
+    with pytest.raises(UsageStoreError):
+        UsageRecord(**(base | fields))  # type: ignore[arg-type]
+
+
+def test_written_record_survives_a_killed_writer(tmp_path: Path) -> None:
+    path = tmp_path / "u.db"
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from lloom.executor.usage import UsageRecord, UsageStore\n"
+        f"s = UsageStore(Path({str(path)!r}))\n"
+        f"s.record(UsageRecord('killed', {ADDR!r}, 'm', 3, 4, 1.0))\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=False, timeout=60)
+    assert result.returncode == -9
+    with UsageStore(path) as store:
+        assert store.get("killed") == UsageRecord("killed", ADDR, "m", 3, 4, 1.0)
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "u.db"
+    UsageStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    with pytest.raises(UsageStoreError, match="newer"):
+        UsageStore(path)
+
+
+def test_unopenable_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UsageStoreError, match="cannot open"):
+        UsageStore(blocker / "u.db")
+
+
+async def test_async_sink(tmp_path: Path) -> None:
+    with UsageStore(tmp_path / "u.db") as store:
+        await AsyncUsageStore(store).record(rec(7))
+        assert store.get("req-7") == rec(7)
