@@ -141,9 +141,44 @@ async def _close_host(host: IHost) -> None:
         await host.close()
 
 
+def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one real error inside nested exception groups (``Cancelled`` ignored), if any.
+
+    py-libp2p's services run in strict nurseries, so an exception raised inside
+    :func:`open_node` would otherwise reach callers wrapped several groups deep.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else None
+
+
 @asynccontextmanager
 async def open_node(identity: Identity, config: NodeConfig) -> AsyncIterator[Node]:
-    """Start a node, bootstrap it, keep it bootstrapped; stop everything on exit."""
+    """Start a node, bootstrap it, keep it bootstrapped; stop everything on exit.
+
+    An exception raised by the body comes out as itself, not wrapped in the exception
+    groups of py-libp2p's nurseries.
+    """
+    try:
+        async with _open_node(identity, config) as node:
+            yield node
+    except BaseExceptionGroup as group:
+        leaf = single_error(group)
+        if leaf is None:
+            raise
+        raise leaf from None
+
+
+@asynccontextmanager
+async def _open_node(identity: Identity, config: NodeConfig) -> AsyncIterator[Node]:
     apply_all()
     host = build_host(identity, config.listen, config.announce or None)
     async with AsyncExitStack() as stack:

@@ -1,0 +1,170 @@
+"""Calling an OpenAI-compatible backend (llama.cpp, vLLM, Ollama, LM Studio, OpenAI).
+
+The executor knows models by their *network* id; each backend maps them to its own ids.
+Requests are rewritten on the way in and responses on the way out, so clients only ever
+see network ids. Streams are read with httpx-sse and always closed, also when the
+consumer stops early. httpx failures become :mod:`lloom.errors` backend errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from httpx_sse import SSEError, aconnect_sse
+
+from lloom.errors import BackendError, BackendHTTPError, BackendTimeout, BackendUnreachable
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """One backend: where it is, its key, and which network models it serves."""
+
+    name: str
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    #: network model id -> backend model id
+    models: Mapping[str, str] = field(default_factory=dict)
+    timeout: float = 120.0
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    if isinstance(error, str):
+        return error
+    return json.dumps(body)[:500]
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible HTTP backend."""
+
+    def __init__(self, spec: BackendSpec, client: httpx.AsyncClient) -> None:
+        self.spec = spec
+        self.client = client
+        self.base = spec.base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+        self.timeout = httpx.Timeout(spec.timeout, connect=min(10.0, spec.timeout))
+
+    def serves(self, model: str) -> bool:
+        """Whether this backend serves network model ``model``."""
+        return model in self.spec.models
+
+    def _outgoing(self, body: Mapping[str, Any], stream: bool) -> dict[str, Any]:
+        out = dict(body)
+        out["model"] = self.spec.models.get(str(body["model"]), str(body["model"]))
+        out["stream"] = stream
+        if stream:
+            options = dict(out.get("stream_options") or {})
+            options["include_usage"] = True
+            out["stream_options"] = options
+        else:
+            out.pop("stream_options", None)
+        return out
+
+    @staticmethod
+    def _incoming(data: dict[str, Any], network_model: str) -> dict[str, Any]:
+        if "model" in data:
+            data["model"] = network_model
+        return data
+
+    async def _post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            response = await self.client.post(
+                self.base + path,
+                json=self._outgoing(body, stream=False),
+                headers=self.headers,
+                timeout=self.timeout,
+            )
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(f"backend {self.spec.name} timed out: {exc!r}") from None
+        except httpx.TransportError as exc:
+            raise BackendUnreachable(f"backend {self.spec.name} unreachable: {exc!r}") from None
+        if response.status_code >= 400:
+            raise BackendHTTPError(response.status_code, _error_message(response))
+        try:
+            data = response.json()
+        except ValueError:
+            raise BackendError(f"backend {self.spec.name} answered non-JSON") from None
+        if not isinstance(data, dict):
+            raise BackendError(f"backend {self.spec.name} answered a non-object")
+        return self._incoming(data, str(body["model"]))
+
+    async def _stream(
+        self, path: str, body: Mapping[str, Any]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        network_model = str(body["model"])
+        try:
+            async with aconnect_sse(
+                self.client,
+                "POST",
+                self.base + path,
+                json=self._outgoing(body, stream=True),
+                headers=self.headers,
+                timeout=self.timeout,
+            ) as source:
+                response = source.response
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise BackendHTTPError(response.status_code, _error_message(response))
+                async for event in source.aiter_sse():
+                    if event.data.strip() == "[DONE]":
+                        return
+                    if not event.data:
+                        continue
+                    try:
+                        data = json.loads(event.data)
+                    except json.JSONDecodeError:
+                        raise BackendError(
+                            f"backend {self.spec.name} sent a malformed stream event"
+                        ) from None
+                    if not isinstance(data, dict):
+                        raise BackendError(f"backend {self.spec.name} sent a non-object event")
+                    if "error" in data and "choices" not in data:
+                        raise BackendHTTPError(502, str(data["error"])[:500])
+                    yield self._incoming(data, network_model)
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(f"backend {self.spec.name} timed out: {exc!r}") from None
+        except httpx.TransportError as exc:
+            raise BackendUnreachable(f"backend {self.spec.name} unreachable: {exc!r}") from None
+        except SSEError as exc:
+            raise BackendError(f"backend {self.spec.name} did not stream SSE: {exc}") from None
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A complete chat completion."""
+        return await self._post("/chat/completions", body)
+
+    def chat_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Chat completion chunks (usage requested); close it to abort the request."""
+        return self._stream("/chat/completions", body)
+
+    async def completions(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A complete legacy completion."""
+        return await self._post("/completions", body)
+
+    def completions_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Legacy completion chunks."""
+        return self._stream("/completions", body)
+
+    async def list_models(self) -> list[str]:
+        """Model ids the backend itself reports (``GET /models``)."""
+        try:
+            response = await self.client.get(
+                self.base + "/models", headers=self.headers, timeout=self.timeout
+            )
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(f"backend {self.spec.name} timed out: {exc!r}") from None
+        except httpx.TransportError as exc:
+            raise BackendUnreachable(f"backend {self.spec.name} unreachable: {exc!r}") from None
+        if response.status_code >= 400:
+            raise BackendHTTPError(response.status_code, _error_message(response))
+        data = response.json()
+        return [str(m.get("id")) for m in data.get("data", []) if isinstance(m, dict)]

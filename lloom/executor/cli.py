@@ -1,0 +1,131 @@
+"""``lloom-executor``: serve OpenAI-format requests from configured backends.
+
+It joins the network through validators, provides the executor role key and one key per
+served model (re-provided periodically), publishes its load on gossipsub, serves
+``/lloom/llm/1.0.0`` and stores the usage of every completed request in SQLite. It prints
+a ready line once announced; SIGINT/SIGTERM stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import httpx
+import trio
+
+from lloom import __version__
+from lloom.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    add_identity_args,
+    identity_from_args,
+    report_error,
+    run_main,
+)
+from lloom.errors import LloomError, NetworkError
+from lloom.executor.backend import OpenAIBackend
+from lloom.executor.config import ExecutorConfig, load_config
+from lloom.executor.handler import Backend, RequestHandler
+from lloom.executor.server import announce_keys, install, keep_announcing
+from lloom.executor.usage import AsyncUsageStore, UsageStore
+from lloom.identity import Identity
+from lloom.logs import configure_logging
+from lloom.node.node import NodeConfig, open_node, parse_multiaddr_list
+from lloom.roles import announce_ready, ready_line, shutdown_signals, wait_for_signal
+from lloom.tokens import ensure_offline_encodings
+
+logger = logging.getLogger("lloom.executor")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lloom-executor``."""
+    parser = argparse.ArgumentParser(
+        prog="lloom-executor",
+        description="Run a lloom executor: serve LLM requests from OpenAI-compatible backends.",
+    )
+    add_identity_args(parser)
+    parser.add_argument(
+        "--bootstrap-nodes",
+        required=True,
+        metavar="MULTIADDR,...",
+        help="validators to join, each ending in /p2p/<PeerId>",
+    )
+    parser.add_argument("--config", required=True, metavar="PATH", help="the config.toml")
+    parser.add_argument(
+        "--listen-address",
+        action="append",
+        metavar="MULTIADDR",
+        help="override [node].listen; repeat or comma-separate for several",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: libp2p too)"
+    )
+    parser.add_argument("--version", action="version", version=f"lloom {__version__}")
+    return parser
+
+
+def node_config(args: argparse.Namespace, config: ExecutorConfig) -> NodeConfig:
+    """The node settings: flags override the config file."""
+    listen = args.listen_address or list(config.node.listen)
+    return NodeConfig(
+        listen=parse_multiaddr_list(listen),
+        bootstrap=parse_multiaddr_list(args.bootstrap_nodes, need_peer_id=True),
+        announce=parse_multiaddr_list(list(config.node.announce)),
+        pubsub=True,
+    )
+
+
+async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig) -> None:
+    """Run the executor until SIGINT/SIGTERM."""
+    ensure_offline_encodings(config.node.data_dir / "tiktoken")
+    store = UsageStore(config.node.data_dir / "usage.sqlite3")
+    limits = httpx.Limits(max_connections=config.limits.max_concurrent_requests * 2)
+    try:
+        with shutdown_signals() as signals:
+            async with httpx.AsyncClient(limits=limits) as http:
+                backends: dict[str, Backend] = {}
+                for spec in config.backends:
+                    backend = OpenAIBackend(spec, http)
+                    for model in spec.models:
+                        backends.setdefault(model, backend)
+                handler = RequestHandler(backends, AsyncUsageStore(store), config.limits)
+                async with open_node(identity, node_cfg) as node, trio.open_nursery() as nursery:
+                    install(node, handler)
+                    if not node.host.get_connected_peers():
+                        raise NetworkError("no bootstrap node reachable")
+                    confirmed = await announce_keys(node, handler.models)
+                    if confirmed == 0:
+                        raise NetworkError("no validator accepted the executor's announcements")
+                    nursery.start_soon(keep_announcing, node, handler)
+                    announce_ready(
+                        ready_line(node, "executor", (("models", ",".join(handler.models)),))
+                    )
+                    logger.info("executor %s serving %s", node.peer_id, ", ".join(handler.models))
+                    await wait_for_signal(signals)
+                    nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``lloom-executor`` with ``argv``; return the exit code."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        identity = identity_from_args(args, role="executor")
+        config = load_config(Path(args.config))
+        node_cfg = node_config(args, config)
+        trio.run(serve, identity, config, node_cfg)
+    except LloomError as exc:
+        return report_error(exc)
+    except OSError as exc:
+        logger.error("cannot run the executor: %s", exc)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def run() -> None:
+    """Console-script entry point."""
+    run_main(main)
