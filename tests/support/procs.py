@@ -39,10 +39,13 @@ class Proc:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
-    popen: subprocess.Popen[str] | None = None
+    popen: subprocess.Popen[bytes] | None = None
     lines: list[str] = field(default_factory=list)
+    raw: bytearray = field(default_factory=bytearray)
     _queue: queue.Queue[str | None] = field(default_factory=queue.Queue)
     _reader: threading.Thread | None = None
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+    _eof: bool = False
 
     def start(self) -> Proc:
         """Start the process (stderr goes to the log file)."""
@@ -54,8 +57,7 @@ class Proc:
             stderr=log,
             stdin=subprocess.DEVNULL,
             env=self.env,
-            text=True,
-            bufsize=1,
+            bufsize=0,
         )
         log.close()
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"read-{self.name}")
@@ -63,11 +65,38 @@ class Proc:
         return self
 
     def _read(self) -> None:
+        """Collect stdout as it arrives: raw bytes (for streaming checks) and lines."""
         assert self.popen is not None and self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.append(line.rstrip("\n"))
-            self._queue.put(line.rstrip("\n"))
+        fd = self.popen.stdout.fileno()
+        pending = b""
+        while chunk := os.read(fd, 65536):
+            with self._changed:
+                self.raw += chunk
+                self._changed.notify_all()
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                text = line.decode(errors="replace")
+                self.lines.append(text)
+                self._queue.put(text)
+        if pending:
+            self.lines.append(pending.decode(errors="replace"))
+            self._queue.put(pending.decode(errors="replace"))
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
         self._queue.put(None)
+
+    def wait_for_output(self, needle: bytes, timeout: float = 30.0) -> bytes:
+        """All stdout so far once it contains ``needle`` (byte-level, no line needed)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while needle not in self.raw:
+                remaining = deadline - time.monotonic()
+                if self._eof or remaining <= 0:
+                    raise TimeoutError(f"{self.name}: {needle!r} not printed\n{self.log()}")
+                self._changed.wait(remaining)
+            return bytes(self.raw)
 
     @property
     def pid(self) -> int:

@@ -1,0 +1,162 @@
+"""The request path with real processes: validator, mock backends, executors, the client."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from lloom.identity import Identity
+from lloom.tokens import count_chat_prompt, count_text
+from tests.support.network import start_executor, start_mock, start_validator
+from tests.support.procs import Processes, script
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+CLIENT_KEY = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"
+CLIENT_ADDR = Identity.from_hex(CLIENT_KEY).address
+
+
+def client(
+    procs: Processes, boot: str, model: str, prompt: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return procs.run(
+        "client",
+        [
+            script("lloom-client"),
+            "--private-key",
+            CLIENT_KEY,
+            "--bootstrap-nodes",
+            boot,
+            "--model",
+            model,
+            "--prompt",
+            prompt,
+            *extra,
+        ],
+    )
+
+
+def usage_rows(data_dir: Path) -> list[tuple[str, str, int, int]]:
+    db = sqlite3.connect(data_dir / "usage.sqlite3")
+    try:
+        return db.execute(
+            "SELECT client_address, model, prompt_tokens, completion_tokens FROM usage "
+            "ORDER BY created_at"
+        ).fetchall()
+    finally:
+        db.close()
+
+
+def test_answers_route_by_model_and_record_usage(procs: Processes) -> None:
+    _, url = start_mock(procs)
+    _, v = start_validator(procs)
+    boot = v.listen[0]
+    _, _, dir_a = start_executor(procs, "exec-a", boot, url, ["mock-a"])
+    _, eb, dir_b = start_executor(procs, "exec-b", boot, url, ["mock-b"])
+
+    result = client(procs, boot, "mock-a", "hello there world")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Echo: hello there world\n"
+
+    for _ in range(3):
+        result = client(procs, boot, "mock-b", "which one", "--json")
+        assert result.returncode == 0, result.stderr
+        doc = json.loads(result.stdout)
+        assert doc["executor"] == eb.peer_id
+        assert doc["text"] == "Echo: which one"
+        assert doc["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        assert doc["usage_source"] == "backend"
+
+    result = client(procs, boot, "mock-a", "non streaming", "--no-stream")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Echo: non streaming\n"
+
+    assert usage_rows(dir_a) == [(CLIENT_ADDR, "mock-a", 3, 4), (CLIENT_ADDR, "mock-a", 2, 3)]
+    assert usage_rows(dir_b) == [(CLIENT_ADDR, "mock-b", 2, 3)] * 3
+
+
+def test_unknown_model_is_a_clear_error(procs: Processes) -> None:
+    _, url = start_mock(procs)
+    _, v = start_validator(procs)
+    start_executor(procs, "exec", v.listen[0], url, ["mock-a"])
+    result = client(procs, v.listen[0], "no-such-model", "hi")
+    assert result.returncode == 3
+    assert result.stderr.strip().endswith("error: no executor serves model 'no-such-model'")
+    assert result.stdout == ""
+
+
+def test_bad_arguments_exit_2(procs: Processes) -> None:
+    result = client(procs, "/ip4/127.0.0.1/tcp/1", "m", "hi")
+    assert result.returncode == 2
+    assert "/p2p/" in result.stderr
+    result = client(
+        procs,
+        "/ip4/127.0.0.1/tcp/1/p2p/16Uiu2HAmMUjGmiUhJeiZgu6ZZnLRkE2VViR2JgjqtW9aTZnHQqgg",
+        "m",
+        "hi",
+        "--temperature",
+        "9",
+    )
+    assert result.returncode == 2
+    assert "temperature" in result.stderr
+
+
+def test_streaming_is_incremental(procs: Processes) -> None:
+    _, url = start_mock(
+        procs, "slow-mock", "--chunk-delay-ms", "400", "--reply", "one two three four"
+    )
+    _, v = start_validator(procs)
+    start_executor(procs, "exec", v.listen[0], url, ["mock-a"])
+    proc = procs.start(
+        "streaming-client",
+        [
+            script("lloom-client"),
+            "--private-key",
+            CLIENT_KEY,
+            "--bootstrap-nodes",
+            v.listen[0],
+            "--model",
+            "mock-a",
+            "--prompt",
+            "go",
+        ],
+    )
+    # The answer is one line, complete only at the end: watch the raw bytes arrive.
+    first = proc.wait_for_output(b"one", timeout=30)
+    assert b"four" not in first, "the whole answer arrived at once"
+    assert proc.popen is not None and proc.popen.poll() is None
+    proc.wait_for_output(b"four", timeout=30)
+    assert proc.wait_exit(30) == 0
+    assert bytes(proc.raw) == b"one two three four\n"
+
+
+def test_usage_counted_when_backend_reports_none(procs: Processes) -> None:
+    _, url = start_mock(procs, "mock-no-usage", "--no-usage")
+    _, v = start_validator(procs)
+    _, _, data_dir = start_executor(procs, "exec", v.listen[0], url, ["mock-a"])
+    result = client(procs, v.listen[0], "mock-a", "count me please", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["usage_source"] == "counted"
+    prompt = count_chat_prompt([{"role": "user", "content": "count me please"}])
+    completion = count_text("Echo: count me please")
+    assert doc["usage"]["prompt_tokens"] == prompt
+    assert doc["usage"]["completion_tokens"] == completion
+    assert usage_rows(data_dir) == [(CLIENT_ADDR, "mock-a", prompt, completion)]
+
+
+def test_sigkill_loses_no_answered_usage(procs: Processes) -> None:
+    _, url = start_mock(procs)
+    _, v = start_validator(procs)
+    proc, _, data_dir = start_executor(procs, "exec", v.listen[0], url, ["mock-a"])
+    for i in range(5):
+        result = client(procs, v.listen[0], "mock-a", f"request {i}", "--no-stream")
+        assert result.returncode == 0, result.stderr
+    proc.kill()
+    assert len(usage_rows(data_dir)) == 5
+    assert time.time() > 0

@@ -1,0 +1,66 @@
+"""Start a whole local network as processes: mock backends, validators, executors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lloom.readyline import ReadyLine
+from tests.support.procs import Proc, Processes, script, start_validator
+
+
+def start_mock(procs: Processes, name: str = "mock", *flags: str) -> tuple[Proc, str]:
+    """Start the mock OpenAI backend; return it and its /v1 URL."""
+    proc = procs.start(name, [sys.executable, "-m", "tests.support.mock_openai", *flags])
+    line = proc.wait_for_line(lambda s: s.startswith("ready url="))
+    return proc, line.removeprefix("ready url=")
+
+
+def write_config(
+    path: Path,
+    backend_url: str,
+    models: list[str],
+    data_dir: Path,
+    extra: str = "",
+) -> Path:
+    """An executor config with one backend."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quoted = ", ".join(f'"{m}"' for m in models)
+    path.write_text(
+        f"""
+[node]
+listen = ["/ip4/127.0.0.1/tcp/0"]
+data_dir = "{data_dir}"
+
+[[backends]]
+name = "mock"
+base_url = "{backend_url}"
+models = [{quoted}]
+timeout_secs = 10
+
+{extra}
+"""
+    )
+    return path
+
+
+def start_executor(
+    procs: Processes,
+    name: str,
+    bootstrap: str,
+    backend_url: str,
+    models: list[str],
+    extra: str = "",
+    key: str | None = None,
+) -> tuple[Proc, ReadyLine, Path]:
+    """Start an executor; return it, its ready line and its data dir."""
+    data_dir = procs.root / name / "state"
+    config = write_config(procs.root / name / "config.toml", backend_url, models, data_dir, extra)
+    argv = [script("lloom-executor"), "--bootstrap-nodes", bootstrap, "--config", str(config)]
+    if key:
+        argv += ["--private-key", key]
+    proc = procs.start(name, argv)
+    return proc, proc.wait_ready(), data_dir
+
+
+__all__ = ["start_executor", "start_mock", "start_validator", "write_config"]
