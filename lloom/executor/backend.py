@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,28 +116,34 @@ class OpenAIBackend:
                 if response.status_code >= 400:
                     await response.aread()
                     raise BackendHTTPError(response.status_code, _error_message(response))
-                async for event in source.aiter_sse():
-                    if event.data.strip() == "[DONE]":
-                        return
-                    if not event.data:
-                        continue
-                    try:
-                        data = json.loads(event.data)
-                    except json.JSONDecodeError:
-                        raise BackendError(
-                            f"backend {self.spec.name} sent a malformed stream event"
-                        ) from None
-                    if not isinstance(data, dict):
-                        raise BackendError(f"backend {self.spec.name} sent a non-object event")
-                    if "error" in data and "choices" not in data:
-                        raise BackendHTTPError(502, str(data["error"])[:500])
-                    yield self._incoming(data, network_model)
+                done = False
+                async with aclosing(source.aiter_sse()) as events:
+                    async for event in events:
+                        # Read on after [DONE] to the end of the body, so the connection
+                        # goes back to the pool cleanly.
+                        if done or not event.data:
+                            continue
+                        if event.data.strip() == "[DONE]":
+                            done = True
+                            continue
+                        yield self._incoming(self._event(event.data), network_model)
         except httpx.TimeoutException as exc:
             raise BackendTimeout(f"backend {self.spec.name} timed out: {exc!r}") from None
         except httpx.TransportError as exc:
             raise BackendUnreachable(f"backend {self.spec.name} unreachable: {exc!r}") from None
         except SSEError as exc:
             raise BackendError(f"backend {self.spec.name} did not stream SSE: {exc}") from None
+
+    def _event(self, text: str) -> dict[str, Any]:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            raise BackendError(f"backend {self.spec.name} sent a malformed stream event") from None
+        if not isinstance(data, dict):
+            raise BackendError(f"backend {self.spec.name} sent a non-object event")
+        if "error" in data and "choices" not in data:
+            raise BackendHTTPError(502, str(data["error"])[:500])
+        return data
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """A complete chat completion."""
