@@ -1,0 +1,196 @@
+"""The executor's request handler in memory: fake backends, a memory stream, a list sink."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from libp2p.network.stream.exceptions import StreamReset
+
+from lloom.errors import BackendHTTPError, BackendUnreachable
+from lloom.executor.handler import Limits, RequestHandler
+from lloom.executor.usage import UsageRecord
+from lloom.node.streams import FramedStream
+from lloom.protocol import llm
+from lloom.tokens import count_chat_prompt, count_text
+
+CLIENT = "0x" + "12" * 20
+
+
+class MemoryNetStream:
+    """The INetStream calls FramedStream makes, over a trio memory stream."""
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream) -> None:
+        self.stream = stream
+
+    async def read(self, n: int | None = None) -> bytes:
+        return await self.stream.receive_some(n)
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise StreamReset() from exc
+
+    async def close(self) -> None:
+        await self.stream.aclose()
+
+    async def reset(self) -> None:
+        await self.stream.aclose()
+
+
+class FakeBackend:
+    def __init__(
+        self,
+        words: list[str],
+        usage: bool = True,
+        fail: Exception | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        self.words, self.usage, self.fail, self.delay = words, usage, fail, delay
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        await trio.sleep(self.delay)
+        if self.fail:
+            raise self.fail
+        out: dict[str, Any] = {"choices": [{"message": {"content": "".join(self.words)}}]}
+        if self.usage:
+            out["usage"] = {"prompt_tokens": 7, "completion_tokens": len(self.words)}
+        return out
+
+    async def chat_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        if self.fail:
+            raise self.fail
+        for word in self.words:
+            await trio.sleep(self.delay)
+            yield {"choices": [{"delta": {"content": word}}]}
+        if self.usage:
+            yield {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 9}}
+
+    async def completions(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.chat(body)
+
+    def completions_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        return self.chat_stream(body)
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    async def record(self, rec: UsageRecord) -> None:
+        self.records.append(rec)
+
+
+def chat(stream: bool, model: str = "m", **extra: Any) -> bytes:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    return llm.encode(llm.Request(llm.RequestKind.CHAT, body | extra))
+
+
+async def exchange(
+    handler: RequestHandler, *frames: bytes, max_frame: int = 1 << 20
+) -> list[llm.Message]:
+    """Send ``frames`` to the handler; return every message it answered."""
+    a, b = trio.testing.memory_stream_pair()
+    server = FramedStream(MemoryNetStream(a), max_frame=max_frame, read_timeout=5)  # type: ignore[arg-type]
+    client = FramedStream(MemoryNetStream(b), read_timeout=5)  # type: ignore[arg-type]
+    out: list[llm.Message] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handler.handle, server, CLIENT)
+        for frame in frames:
+            await client.write_frame(frame)
+        while (answer := await client.read_frame()) is not None:
+            out.append(llm.decode(answer))
+    return out
+
+
+def handler(backend: FakeBackend, sink: ListSink | None = None, **limits: Any) -> RequestHandler:
+    return RequestHandler({"m": backend}, sink or ListSink(), Limits(**limits))
+
+
+async def test_stream_with_backend_usage() -> None:
+    sink = ListSink()
+    msgs = await exchange(handler(FakeBackend(["a ", "b"]), sink), chat(True))
+    assert [type(m).__name__ for m in msgs] == ["Chunk", "Chunk", "End"]
+    end = msgs[-1]
+    assert isinstance(end, llm.End) and end.usage == llm.Usage(7, 9)
+    assert end.usage_source == "backend"
+    assert sink.records[0].request_id == end.request_id
+    assert sink.records[0].client_address == CLIENT
+
+
+async def test_counted_usage_when_backend_has_none() -> None:
+    sink = ListSink()
+    msgs = await exchange(handler(FakeBackend(["hello ", "world"], usage=False), sink), chat(False))
+    end = msgs[-1]
+    assert isinstance(msgs[0], llm.Response)
+    assert isinstance(end, llm.End) and end.usage_source == "counted"
+    assert end.usage.prompt_tokens == count_chat_prompt([{"role": "user", "content": "hi"}])
+    assert end.usage.completion_tokens == count_text("hello world")
+
+
+@pytest.mark.parametrize(
+    ("fail", "code", "status"),
+    [
+        (BackendUnreachable("down"), llm.ErrorCode.BACKEND_UNREACHABLE, 502),
+        (BackendHTTPError(500, "boom"), llm.ErrorCode.BACKEND_ERROR, 502),
+        (BackendHTTPError(400, "context too long"), llm.ErrorCode.BACKEND_ERROR, 400),
+    ],
+)
+async def test_backend_failures_are_error_frames(
+    fail: Exception, code: llm.ErrorCode, status: int
+) -> None:
+    sink = ListSink()
+    for stream in (True, False):
+        msgs = await exchange(handler(FakeBackend([], fail=fail), sink), chat(stream))
+        assert len(msgs) == 1 and isinstance(msgs[0], llm.Error)
+        assert msgs[0].code is code and msgs[0].status == status
+    assert sink.records == []
+
+
+async def test_request_timeout() -> None:
+    slow = FakeBackend(["a", "b", "c"], delay=0.5)
+    msgs = await exchange(handler(slow, request_timeout_secs=0.2), chat(True))
+    assert isinstance(msgs[-1], llm.Error) and msgs[-1].code is llm.ErrorCode.BACKEND_TIMEOUT
+
+
+async def test_busy_when_full() -> None:
+    h = handler(FakeBackend(["x"], delay=1.0), max_concurrent_requests=1)
+    results: list[list[llm.Message]] = []
+
+    async def one() -> None:
+        results.append(await exchange(h, chat(False)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one)
+        await trio.testing.wait_all_tasks_blocked()
+        busy = await exchange(h, chat(False))
+    assert isinstance(busy[0], llm.Error) and busy[0].code is llm.ErrorCode.BUSY
+    assert isinstance(results[0][-1], llm.End)
+    assert h.active == 0
+
+
+async def test_oversized_request_and_wrong_first_message() -> None:
+    h = handler(FakeBackend(["x"]))
+    msgs = await exchange(h, chat(False, padding="x" * 5000), max_frame=1000)
+    assert isinstance(msgs[0], llm.Error) and msgs[0].code is llm.ErrorCode.TOO_LARGE
+    msgs = await exchange(h, llm.encode(llm.Chunk({})))
+    assert isinstance(msgs[0], llm.Error) and msgs[0].code is llm.ErrorCode.BAD_REQUEST
+
+
+async def test_client_gone_mid_stream_records_nothing() -> None:
+    sink = ListSink()
+    h = handler(FakeBackend(["a"] * 50, delay=0.01), sink)
+    a, b = trio.testing.memory_stream_pair()
+    server = FramedStream(MemoryNetStream(a), read_timeout=5)  # type: ignore[arg-type]
+    client = FramedStream(MemoryNetStream(b), read_timeout=5)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.handle, server, CLIENT)
+        await client.write_frame(chat(True))
+        assert await client.read_frame() is not None
+        await b.aclose()
+    assert sink.records == []
+    assert h.active == 0

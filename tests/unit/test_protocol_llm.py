@@ -1,0 +1,93 @@
+"""The request protocol's messages and request validation (pure)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lloom.errors import ProtocolError, UsageError
+from lloom.protocol import llm
+from lloom.protocol.llm import ErrorCode, RequestKind
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        llm.Request(RequestKind.CHAT, {"model": "m", "messages": []}),
+        llm.Chunk({"choices": [{"delta": {"content": "é"}}]}),
+        llm.Response({"choices": []}),
+        llm.End("r1", "m", llm.Usage(3, 4), "counted"),
+        llm.Error(ErrorCode.BUSY, "full"),
+    ],
+)
+def test_round_trip(msg: llm.Message) -> None:
+    assert llm.decode(llm.encode(msg)) == msg
+
+
+def test_error_status_defaults_and_overrides() -> None:
+    assert llm.Error(ErrorCode.UNKNOWN_MODEL, "x").status == 404
+    assert llm.Error(ErrorCode.BACKEND_ERROR, "x", 429).status == 429
+    assert ErrorCode.BACKEND_TIMEOUT.http_status == 504
+    assert not ErrorCode.TOO_LARGE.retryable
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\xff\xfe",
+        b"[1]",
+        b'{"t": "nope"}',
+        b'{"t": "request", "kind": "image", "body": {}}',
+        b'{"t": "request", "kind": "chat", "body": []}',
+        b'{"t": "end", "request_id": "r", "model": "m", "usage": {"prompt_tokens": -1, '
+        b'"completion_tokens": 1}, "usage_source": "backend"}',
+        b'{"t": "end", "request_id": "r", "model": "m", "usage": {"prompt_tokens": 1, '
+        b'"completion_tokens": 1, "total_tokens": 5}, "usage_source": "backend"}',
+        b'{"t": "error", "code": "weird", "message": "x"}',
+        b'{"t": "error", "code": "busy", "message": "x", "status": "500"}',
+        b"[" * 100000,
+    ],
+)
+def test_decode_rejects(frame: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        llm.decode(frame)
+
+
+def test_simple_prompt_form_becomes_a_message() -> None:
+    body = llm.normalize_chat_body({"model": "m", "prompt": "hi", "seed": 3})
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+    assert body["seed"] == 3 and "prompt" not in body
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ([], "JSON object"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "'model'"),
+        ({"model": "bad id", "messages": [{"role": "user"}]}, "'model'"),
+        ({"model": "m"}, "'messages'"),
+        ({"model": "m", "messages": []}, "'messages'"),
+        ({"model": "m", "messages": ["x"]}, "'messages[0]'"),
+        ({"model": "m", "messages": [{"content": "x"}]}, "'messages[0].role'"),
+        ({"model": "m", "messages": [{"role": "u", "content": 3}]}, "'messages[0].content'"),
+        ({"model": "m", "prompt": "x", "max_tokens": 0}, "'max_tokens'"),
+        ({"model": "m", "prompt": "x", "max_tokens": True}, "'max_tokens'"),
+        ({"model": "m", "prompt": "x", "temperature": 2.5}, "'temperature'"),
+        ({"model": "m", "prompt": "x", "temperature": "hot"}, "'temperature'"),
+        ({"model": "m", "prompt": "x", "top_p": -0.1}, "'top_p'"),
+        ({"model": "m", "prompt": "x", "stop": ["a"] * 5}, "'stop'"),
+        ({"model": "m", "prompt": "x", "stream": "yes"}, "'stream'"),
+        ({"model": "m", "prompt": "x", "n": 2}, "'n'"),
+    ],
+)
+def test_bad_chat_bodies(body: object, field: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(field)):
+        llm.normalize_chat_body(body)
+
+
+def test_completion_bodies() -> None:
+    assert llm.normalize(RequestKind.COMPLETION, {"model": "m", "prompt": ["a", "b"]})
+    with pytest.raises(UsageError, match="'prompt'"):
+        llm.normalize(RequestKind.COMPLETION, {"model": "m", "prompt": 3})
