@@ -10,6 +10,16 @@ import pytest
 from tests.support.procs import Processes
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Nothing a test runs writes into the real user data dir."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LLOOM_DATA_DIR", str(tmp_path_factory.mktemp("lloom-data")))
+    mp.delenv("LLOOM_PRIVATE_KEY", raising=False)
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
     """Real processes for one test; all stopped by PID at teardown, logs shown on failure."""
