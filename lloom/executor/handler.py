@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
-from lloom.executor.usage import UsageRecord
-from lloom.tokens import count_chat_prompt, count_text
 
 from lloom.errors import (
     BackendError,
@@ -31,9 +29,11 @@ from lloom.errors import (
     ProtocolError,
     UsageError,
 )
+from lloom.executor.usage import UsageRecord
 from lloom.node.streams import FramedStream
 from lloom.protocol import llm
 from lloom.protocol.llm import ErrorCode, RequestKind
+from lloom.tokens import count_chat_prompt, count_text
 
 logger = logging.getLogger(__name__)
 
