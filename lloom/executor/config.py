@@ -33,7 +33,6 @@ class NodeSection:
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4002",)
     announce: tuple[str, ...] = ()
     data_dir: Path = field(default_factory=lambda: default_data_dir() / "executor")
-    metrics_listen: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,7 +181,6 @@ def _node(source: str, table: object) -> NodeSection:
         listen=_strings(r, "listen", default.listen),
         announce=_strings(r, "announce", ()),
         data_dir=Path(data_dir).expanduser() if data_dir else default.data_dir,
-        metrics_listen=r.get("metrics_listen", str, None),
     )
     r.finish()
     return node

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from lloom.cli.main import build_parser as lloom_parser
+from lloom.client.cli import build_parser as client_parser
+from lloom.executor.cli import build_parser as executor_parser
 from lloom.validator.cli import build_parser as validator_parser
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -27,9 +29,35 @@ def flags(parser: argparse.ArgumentParser) -> set[str]:
 
 @pytest.mark.parametrize(
     ("parser", "doc"),
-    [(validator_parser(), "validator.md"), (lloom_parser(), "cli.md")],
+    [
+        (validator_parser(), "validator.md"),
+        (lloom_parser(), "cli.md"),
+        (executor_parser(), "executor.md"),
+        (client_parser(), "client.md"),
+    ],
 )
 def test_every_flag_is_documented(parser: argparse.ArgumentParser, doc: str) -> None:
     text = (DOCS / doc).read_text()
     missing = sorted(f for f in flags(parser) if not re.search(rf"(?<![\w-]){f}(?![\w-])", text))
     assert not missing, f"{doc} does not document {missing}"
+
+
+def config_keys(text: str) -> set[str]:
+    """Every ``key =`` assignment in a TOML example, commented out or not."""
+    return set(re.findall(r"^#?\s*([a-z_]+)\s*=", text, re.M))
+
+
+def test_every_config_key_is_documented() -> None:
+    from lloom.executor import config
+
+    example = (DOCS.parent / "config.toml.example").read_text()
+    doc = (DOCS / "executor.md").read_text()
+    fields: set[str] = set()
+    for cls in (config.NodeSection, config.ChainSection):
+        fields |= set(cls.__dataclass_fields__)
+    fields |= {"name", "base_url", "models", "api_key", "api_key_env", "timeout_secs"}
+    fields |= {"max_concurrent_requests", "request_timeout_secs", "max_request_bytes"}
+    missing_example = sorted(fields - config_keys(example))
+    missing_doc = sorted(f for f in fields if f"`{f}`" not in doc and f".{f}`" not in doc)
+    assert not missing_example, f"config.toml.example lacks {missing_example}"
+    assert not missing_doc, f"docs/executor.md lacks {missing_doc}"
