@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from bench import node
+import sys
+
+from bench import node, request_path
 
 
 def main() -> None:
-    """Run all benchmarks in order."""
-    node.main()
+    """Run all benchmarks in order, or the ones named on the command line."""
+    suites = {"node": node.main, "request_path": request_path.main}
+    for name in sys.argv[1:] or list(suites):
+        suites[name]()
 
 
 if __name__ == "__main__":

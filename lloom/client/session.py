@@ -62,6 +62,69 @@ async def _open(node: Node, info: PeerInfo, timeout: float) -> FramedStream:
     return FramedStream(raw, max_frame=DEFAULT_MAX_FRAME, read_timeout=timeout)
 
 
+class StreamPool:
+    """Idle request streams to executors, reused by later requests.
+
+    Opening a stream costs a multistream-select round trip (~2 ms on loopback); an
+    executor serves any number of requests on one stream, one after another, until the
+    stream stays idle longer than its keep-alive (60 s by default).
+    """
+
+    def __init__(self, node: Node, max_idle_per_peer: int = 16) -> None:
+        self.node = node
+        self.max_idle_per_peer = max_idle_per_peer
+        self._idle: dict[ID, list[FramedStream]] = {}
+
+    def take(self, peer_id: ID) -> FramedStream | None:
+        """An idle stream to ``peer_id``, if any."""
+        streams = self._idle.get(peer_id)
+        return streams.pop() if streams else None
+
+    async def give_back(self, peer_id: ID, framed: FramedStream) -> None:
+        """Keep a stream whose last exchange ended cleanly."""
+        streams = self._idle.setdefault(peer_id, [])
+        if len(streams) < self.max_idle_per_peer:
+            streams.append(framed)
+        else:
+            await framed.close()
+
+    async def close(self) -> None:
+        """Close every idle stream."""
+        for streams in self._idle.values():
+            for framed in streams:
+                await framed.close()
+        self._idle.clear()
+
+
+async def _exchange(
+    framed: FramedStream, request: llm.Request, peer_id: ID, on_chunk: ChunkCallback | None
+) -> tuple[Result | None, int]:
+    """One request on ``framed``; ``(None, 0)`` if the stream was already closed."""
+    chunks = 0
+    response: dict[str, Any] | None = None
+    await framed.write_frame(llm.encode(request))
+    while True:
+        frame = await framed.read_frame()
+        if frame is None:
+            if chunks == 0 and response is None:
+                return None, 0
+            raise NetworkError("executor closed the stream without ending the request")
+        msg = llm.decode(frame)
+        match msg:
+            case llm.Chunk(data=data):
+                chunks += 1
+                if on_chunk is not None:
+                    await on_chunk(data)
+            case llm.Response(data=data):
+                response = data
+            case llm.End():
+                return Result(peer_id, msg, response, chunks), chunks
+            case llm.Error(code=code, message=message):
+                raise RemoteError(code.value, message)
+            case _:
+                raise ProtocolError(f"unexpected {type(msg).__name__} from executor")
+
+
 async def send_request(
     node: Node,
     info: PeerInfo,
@@ -69,37 +132,59 @@ async def send_request(
     on_chunk: ChunkCallback | None = None,
     *,
     idle_timeout: float = 120.0,
+    pool: StreamPool | None = None,
 ) -> Result:
     """Run ``request`` on one executor; ``on_chunk`` receives streamed chunks.
 
-    ``idle_timeout`` bounds the wait for each frame (the first token included).
+    ``idle_timeout`` bounds the wait for each frame (the first token included). With a
+    ``pool``, an idle stream is reused and the stream is kept for the next request.
     Raises :class:`RemoteError` for an error frame, :class:`NetworkError` or
     :class:`ProtocolError` when the executor misbehaves or vanishes.
     """
+    reused = pool.take(info.peer_id) if pool is not None else None
+    if reused is not None:
+        reused.read_timeout = idle_timeout
+        delivered = 0
+
+        async def counting(chunk: dict[str, Any]) -> None:
+            nonlocal delivered
+            delivered += 1
+            if on_chunk is not None:
+                await on_chunk(chunk)
+
+        try:
+            result, _ = await _exchange(reused, request, info.peer_id, counting)
+        except RemoteError:
+            await pool.give_back(info.peer_id, reused)  # type: ignore[union-attr]
+            raise
+        except (NetworkError, ProtocolError):
+            await reused.reset()
+            if delivered:
+                raise
+            result = None  # the executor dropped the idle stream: open a fresh one
+        if result is not None:
+            await pool.give_back(info.peer_id, reused)  # type: ignore[union-attr]
+            return result
     framed = await _open(node, info, idle_timeout)
-    chunks = 0
-    response: dict[str, Any] | None = None
     try:
-        await framed.write_frame(llm.encode(request))
-        while True:
-            frame = await framed.read_frame()
-            if frame is None:
-                raise NetworkError("executor closed the stream without ending the request")
-            msg = llm.decode(frame)
-            match msg:
-                case llm.Chunk(data=data):
-                    chunks += 1
-                    if on_chunk is not None:
-                        await on_chunk(data)
-                case llm.Response(data=data):
-                    response = data
-                case llm.End():
-                    return Result(info.peer_id, msg, response, chunks)
-                case llm.Error(code=code, message=message):
-                    raise RemoteError(code.value, message)
-                case _:
-                    raise ProtocolError(f"unexpected {type(msg).__name__} from executor")
-    finally:
+        result, _ = await _exchange(framed, request, info.peer_id, on_chunk)
+    except RemoteError:
+        await _finish(framed, pool, info.peer_id)
+        raise
+    except BaseException:
+        await framed.reset()
+        raise
+    if result is None:
+        await framed.reset()
+        raise NetworkError("executor closed the stream without answering")
+    await _finish(framed, pool, info.peer_id)
+    return result
+
+
+async def _finish(framed: FramedStream, pool: StreamPool | None, peer_id: ID) -> None:
+    if pool is not None:
+        await pool.give_back(peer_id, framed)
+    else:
         await framed.close()
 
 
@@ -121,6 +206,7 @@ async def request_with_failover(
     *,
     idle_timeout: float = 120.0,
     total_timeout: float | None = None,
+    pool: StreamPool | None = None,
 ) -> Result:
     """Try ``candidates`` in order until one answers (see the module docstring)."""
     errors: list[tuple[str, str]] = []
@@ -138,7 +224,7 @@ async def request_with_failover(
             for info in candidates:
                 try:
                     return await send_request(
-                        node, info, request, counting, idle_timeout=idle_timeout
+                        node, info, request, counting, idle_timeout=idle_timeout, pool=pool
                     )
                 except (RemoteError, NetworkError, ProtocolError) as exc:
                     if delivered:

@@ -26,6 +26,7 @@ from lloom.errors import (
     BackendUnreachable,
     FrameTooLarge,
     NetworkError,
+    PeerTimeout,
     ProtocolError,
     UsageError,
 )
@@ -75,6 +76,8 @@ class Limits:
     max_request_bytes: int = 1_048_576
     #: How long a client may take to send its request after opening the stream.
     first_frame_timeout_secs: float = 30.0
+    #: How long a stream may stay idle between requests before the executor closes it.
+    keepalive_secs: float = 60.0
 
 
 class RequestFailed(Exception):
@@ -114,47 +117,62 @@ class RequestHandler:
         return sorted(self.backends)
 
     async def handle(self, framed: FramedStream, client_address: str) -> None:
-        """Serve one request on ``framed`` for the client at ``client_address``."""
-        try:
-            request = await self._read_request(framed)
-            backend = self.backends.get(request.model)
-            if backend is None:
-                raise _fail(
-                    ErrorCode.UNKNOWN_MODEL,
-                    f"model {request.model!r} is not served here; served: "
-                    + ", ".join(self.models),
-                )
-            try:
-                self._slots.acquire_nowait()
-            except trio.WouldBlock:
-                raise _fail(
-                    ErrorCode.BUSY,
-                    f"executor busy ({self.limits.max_concurrent_requests} requests running)",
-                ) from None
-            self.active += 1
-            try:
-                await self._serve(framed, request, backend, client_address)
-            finally:
-                self.active -= 1
-                self._slots.release()
-        except RequestFailed as failed:
-            await self._send_error(framed, failed.error)
-            return
-        except NetworkError as exc:
-            logger.info("client %s went away: %s", client_address, exc)
-            await framed.reset()
-            return
-        await framed.close()
+        """Serve requests on ``framed`` for the client at ``client_address``.
 
-    async def _read_request(self, framed: FramedStream) -> llm.Request:
+        A stream carries requests one after another: after a terminal message the client
+        may send the next request, or close. The stream is closed when the client closes
+        it, stays idle longer than ``keepalive_secs``, or breaks the framing.
+        """
+        timeout = self.limits.first_frame_timeout_secs
+        while True:
+            try:
+                frame = await framed.read_frame(timeout=timeout)
+            except FrameTooLarge as exc:
+                # The framing is lost after a refused frame: answer, then close.
+                await self._send_error(framed, llm.Error(ErrorCode.TOO_LARGE, str(exc)))
+                return await framed.close()
+            except ProtocolError as exc:
+                error = llm.Error(ErrorCode.BAD_REQUEST, f"malformed frame: {exc}")
+                await self._send_error(framed, error)
+                return await framed.close()
+            except (PeerTimeout, NetworkError):
+                return await framed.reset()
+            if frame is None:
+                return await framed.close()
+            try:
+                await self._one(framed, frame, client_address)
+            except RequestFailed as failed:
+                if not await self._send_error(framed, failed.error):
+                    return await framed.reset()
+            except NetworkError as exc:
+                logger.info("client %s went away: %s", client_address, exc)
+                return await framed.reset()
+            timeout = self.limits.keepalive_secs
+
+    async def _one(self, framed: FramedStream, frame: bytes, client_address: str) -> None:
+        request = self._parse(frame)
+        backend = self.backends.get(request.model)
+        if backend is None:
+            raise _fail(
+                ErrorCode.UNKNOWN_MODEL,
+                f"model {request.model!r} is not served here; served: " + ", ".join(self.models),
+            )
         try:
-            frame = await framed.read_frame(timeout=self.limits.first_frame_timeout_secs)
-        except FrameTooLarge as exc:
-            raise _fail(ErrorCode.TOO_LARGE, str(exc)) from None
-        except ProtocolError as exc:
-            raise _fail(ErrorCode.BAD_REQUEST, f"malformed frame: {exc}") from None
-        if frame is None:
-            raise NetworkError("stream closed before a request arrived")
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            raise _fail(
+                ErrorCode.BUSY,
+                f"executor busy ({self.limits.max_concurrent_requests} requests running)",
+            ) from None
+        self.active += 1
+        try:
+            await self._serve(framed, request, backend, client_address)
+        finally:
+            self.active -= 1
+            self._slots.release()
+
+    @staticmethod
+    def _parse(frame: bytes) -> llm.Request:
         try:
             msg = llm.decode(frame)
         except ProtocolError as exc:
@@ -247,14 +265,14 @@ class RequestHandler:
             prompt = sum(count_text(x) for x in p) if isinstance(p, list) else count_text(p)
         return llm.Usage(prompt, count_text(completion))
 
-    async def _send_error(self, framed: FramedStream, error: llm.Error) -> None:
+    async def _send_error(self, framed: FramedStream, error: llm.Error) -> bool:
+        """Send an error frame; False if the client is gone."""
         logger.info("request failed: %s: %s", error.code.value, error.message)
         try:
             await framed.write_frame(llm.encode(error))
         except NetworkError:
-            await framed.reset()
-            return
-        await framed.close()
+            return False
+        return True
 
 
 def _maybe_usage(obj: object) -> llm.Usage | None:

@@ -16,7 +16,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from multiaddr import Multiaddr
 
-from lloom.client.session import request_with_failover, send_request
+from lloom.client.session import StreamPool, request_with_failover, send_request
 from lloom.errors import AllExecutorsFailed, RemoteError
 from lloom.framing import encode_varint
 from lloom.identity import Identity
@@ -158,3 +158,29 @@ async def test_busy_executor_refuses_and_client_fails_over(procs: Processes) -> 
                 await trio.sleep(0.05)
             result = await request_with_failover(node, [info(busy), info(other)], chat())
             assert str(result.executor) == other.peer_id
+
+
+async def test_streams_are_reused_and_a_closed_idle_stream_is_replaced(
+    procs: Processes,
+) -> None:
+    _, url = start_mock(procs)
+    _, v = start_validator(procs)
+    _, ex, _ = start_executor(
+        procs, "exec", v.listen[0], url, ["mock-a"], extra="[limits]\nkeepalive_secs = 0.5"
+    )
+    target = info(ex)
+    async with client_node(v.listen[0]) as node:
+        pool = StreamPool(node)
+        with trio.fail_after(60):
+            await send_request(node, target, chat(), pool=pool)
+            kept = pool.take(target.peer_id)
+            assert kept is not None
+            await pool.give_back(target.peer_id, kept)
+            await send_request(node, target, chat(stream=False), pool=pool)
+            assert pool.take(target.peer_id) is kept  # the same stream served both
+            await pool.give_back(target.peer_id, kept)
+            await trio.sleep(1.0)  # past the executor's keep-alive: it closes the stream
+            result = await send_request(node, target, chat(stream=False), pool=pool)
+            assert result.response is not None
+            assert pool.take(target.peer_id) is not kept
+        await pool.close()

@@ -57,6 +57,7 @@ def test_every_config_key_is_documented() -> None:
         fields |= set(cls.__dataclass_fields__)
     fields |= {"name", "base_url", "models", "api_key", "api_key_env", "timeout_secs"}
     fields |= {"max_concurrent_requests", "request_timeout_secs", "max_request_bytes"}
+    fields |= {"keepalive_secs"}
     missing_example = sorted(fields - config_keys(example))
     missing_doc = sorted(f for f in fields if f"`{f}`" not in doc and f".{f}`" not in doc)
     assert not missing_example, f"config.toml.example lacks {missing_example}"

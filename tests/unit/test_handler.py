@@ -102,6 +102,7 @@ async def exchange(
         nursery.start_soon(handler.handle, server, CLIENT)
         for frame in frames:
             await client.write_frame(frame)
+        await b.send_eof()  # no more requests: the executor answers, then closes
         while (answer := await client.read_frame()) is not None:
             out.append(llm.decode(answer))
     return out
@@ -194,3 +195,31 @@ async def test_client_gone_mid_stream_records_nothing() -> None:
         await b.aclose()
     assert sink.records == []
     assert h.active == 0
+
+
+async def test_several_requests_on_one_stream() -> None:
+    sink = ListSink()
+    msgs = await exchange(
+        handler(FakeBackend(["x"]), sink),
+        chat(False),
+        chat(True),
+        chat(False, model="nope"),
+        chat(False),
+    )
+    kinds = [type(m).__name__ for m in msgs]
+    assert kinds == ["Response", "End", "Chunk", "End", "Error", "Response", "End"]
+    assert len(sink.records) == 3
+
+
+async def test_idle_stream_is_closed_after_keepalive() -> None:
+    h = handler(FakeBackend(["x"]), keepalive_secs=0.2)
+    a, b = trio.testing.memory_stream_pair()
+    server = FramedStream(MemoryNetStream(a), read_timeout=5)  # type: ignore[arg-type]
+    client = FramedStream(MemoryNetStream(b), read_timeout=5)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.handle, server, CLIENT)
+        await client.write_frame(chat(False))
+        assert isinstance(llm.decode(await client.read_frame() or b""), llm.Response)
+        assert isinstance(llm.decode(await client.read_frame() or b""), llm.End)
+        with trio.fail_after(3):
+            assert await client.read_frame() is None
