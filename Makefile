@@ -53,7 +53,16 @@ test: $(STAMP) npm lint typecheck
 unit: $(STAMP)
 	$(PY) -m pytest -m "not e2e and not interop" $(PYTEST_ARGS)
 
-bench: $(STAMP)
+# LiteLLM's proxy, the peer the request-path benchmark compares against; its own venv
+# (it pins packages that clash with ours). Version as measured in the field notes.
+LITELLM_VENV := bench/.litellm-venv
+LITELLM_STAMP := $(LITELLM_VENV)/.installed
+$(LITELLM_STAMP):
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q --disable-pip-version-check 'litellm[proxy]==1.108.7'
+	@touch $@
+
+bench: $(STAMP) $(LITELLM_STAMP)
 	$(PY) -m bench
 
 lock: $(STAMP)

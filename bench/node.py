@@ -21,6 +21,7 @@ from multiaddr import Multiaddr
 from bench.report import STATS_HEADER, Stats, write_section
 from lloom.dhtkeys import executor_role_key
 from lloom.identity import Identity
+from lloom.logs import configure_logging
 from lloom.node.node import NodeConfig, open_node
 from lloom.node.streams import FramedStream
 from lloom.readyline import ReadyLine
@@ -112,6 +113,7 @@ async def measure(boot: str) -> dict[str, Stats]:
 
 def main() -> None:
     """Run the node benchmark and write its section."""
+    configure_logging(0)
     with tempfile.TemporaryDirectory() as tmp:
         proc, ready = start_validator(Path(tmp))
         try:

@@ -26,8 +26,9 @@ from multiaddr import Multiaddr
 from bench import procs
 from bench.report import STATS_HEADER, Stats, write_section
 from lloom.client.discovery import find_executors
-from lloom.client.session import send_request
+from lloom.client.session import StreamPool, send_request
 from lloom.identity import Identity
+from lloom.logs import configure_logging
 from lloom.node.node import Node, NodeConfig, open_node
 from lloom.protocol import llm
 
@@ -72,7 +73,7 @@ def http_ttft(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> C
     return call
 
 
-def lloom_call(node: Node, target: Any, stream: bool) -> Call:
+def lloom_call(node: Node, target: Any, stream: bool, pool: StreamPool) -> Call:
     request = llm.Request(llm.RequestKind.CHAT, BODY | {"stream": stream})
 
     async def call() -> float:
@@ -84,7 +85,7 @@ def lloom_call(node: Node, target: Any, stream: bool) -> Call:
             if not first and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 first = time.perf_counter() - start
 
-        await send_request(node, target, request, on_chunk)
+        await send_request(node, target, request, on_chunk, pool=pool)
         return first if stream else time.perf_counter() - start
 
     return call
@@ -197,16 +198,17 @@ async def measure(boot: str, target: Any, backend: str, litellm: str | None) -> 
     results: dict[str, Any] = {}
     async with open_node(Identity.generate(), NodeConfig(bootstrap=[Multiaddr(boot)])) as node:
         await node.connect(target)
+        pool = StreamPool(node, max_idle_per_peer=128)
         limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
         async with httpx.AsyncClient(limits=limits, timeout=60) as client:
             auth = {"Authorization": f"Bearer {LITELLM_KEY}"}
             calls: dict[str, Call] = {
                 "direct": http_call(client, backend, {}),
-                "lloom": lloom_call(node, target, stream=False),
+                "lloom": lloom_call(node, target, stream=False, pool=pool),
             }
             ttfts: dict[str, Call] = {
                 "direct": http_ttft(client, backend, {}),
-                "lloom": lloom_call(node, target, stream=True),
+                "lloom": lloom_call(node, target, stream=True, pool=pool),
             }
             if litellm:
                 calls["litellm"] = http_call(client, litellm, auth)
@@ -234,6 +236,7 @@ def added(samples: dict[str, list[float]], name: str, q: int) -> float:
 
 def main() -> None:
     """Run the request-path benchmark and write its section."""
+    configure_logging(0)
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         v_proc, v = procs.validator(tmp)
@@ -277,9 +280,10 @@ def render(r: dict[str, Any], cli: list[float], rss: float, has_lite: bool, lite
     lite_line = "" if has_lite else f"\n**LiteLLM not measured:** {lite_note}\n"
     return f"""
 Same mock backend (no delay) for every path, one run, requests interleaved path by path.
-lloom = client library in the benchmark process -> executor process -> backend (a new
-stream per request on a warm connection). LiteLLM = its proxy (1 worker) in front of the
-same backend. The benchmark process, executor, backend and proxy share the machine's 2 cores.
+lloom = client library in the benchmark process -> executor process -> backend, on a warm
+connection, reusing idle request streams as the gateway does. LiteLLM = its proxy
+(1 worker) in front of the same backend. The benchmark process, executor, backend and
+proxy share the machine's 2 cores.
 {lite_line}
 {STATS_HEADER}
 {chr(10).join(rows)}
