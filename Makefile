@@ -10,7 +10,7 @@ NODE_STAMP := node_modules/.installed
 INTEROP_STAMP := tests/interop/js/node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test lint typecheck unit bench lock clean sysdeps npm
+.PHONY: help install test lint typecheck unit bench lock clean sysdeps npm contract
 
 help:
 	@echo "make test   - install everything needed, then ruff, mypy --strict and the whole test suite"
@@ -38,7 +38,16 @@ $(INTEROP_STAMP): tests/interop/js/package.json tests/interop/js/package-lock.js
 	cd tests/interop/js && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-npm: $(INTEROP_STAMP)
+# anvil (a local chain) and solcjs, into the repository's own node_modules.
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+npm: $(INTEROP_STAMP) $(NODE_STAMP)
+
+# Rebuild contracts/out/Accounting.json (checked in; a test fails when it is stale).
+contract: $(NODE_STAMP)
+	node scripts/compile_contract.mjs
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,1 @@
+"""On-chain accounting: the Accounting contract, client-signed receipts, settlement."""
