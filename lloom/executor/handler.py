@@ -30,6 +30,7 @@ from lloom.errors import (
     ProtocolError,
     UsageError,
 )
+from lloom.executor.receipts import ReceiptBook
 from lloom.executor.usage import UsageRecord
 from lloom.node.streams import FramedStream
 from lloom.protocol import llm
@@ -62,8 +63,9 @@ class Backend(Protocol):
 class UsageSink(Protocol):
     """Where completed requests are recorded, durably, before the client is told."""
 
-    async def record(self, rec: UsageRecord) -> None:
-        """Store one record; returns only once it is durable."""
+    async def record(self, rec: UsageRecord) -> tuple[int, int]:
+        """Store one record; return only once it is durable, with the channel's running
+        (prompt, completion) totals."""
         ...
 
 
@@ -78,6 +80,8 @@ class Limits:
     first_frame_timeout_secs: float = 30.0
     #: How long a stream may stay idle between requests before the executor closes it.
     keepalive_secs: float = 60.0
+    #: How long the executor waits for the client's receipt after a request.
+    receipt_timeout_secs: float = 10.0
 
 
 class RequestFailed(Exception):
@@ -103,10 +107,17 @@ class _Outcome:
 class RequestHandler:
     """Serves ``/lloom/llm/1.0.0`` requests with a set of backends."""
 
-    def __init__(self, backends: Mapping[str, Backend], usage: UsageSink, limits: Limits) -> None:
+    def __init__(
+        self,
+        backends: Mapping[str, Backend],
+        usage: UsageSink,
+        limits: Limits,
+        receipts: ReceiptBook | None = None,
+    ) -> None:
         self.backends = dict(backends)
         self.usage = usage
         self.limits = limits
+        self.receipts = receipts
         self._slots = trio.Semaphore(limits.max_concurrent_requests)
         self.active = 0
         self.served = 0
@@ -124,9 +135,11 @@ class RequestHandler:
         it, stays idle longer than ``keepalive_secs``, or breaks the framing.
         """
         timeout = self.limits.first_frame_timeout_secs
+        pending: bytes | None = None
         while True:
             try:
-                frame = await framed.read_frame(timeout=timeout)
+                frame = pending if pending is not None else await framed.read_frame(timeout=timeout)
+                pending = None
             except FrameTooLarge as exc:
                 # The framing is lost after a refused frame: answer, then close.
                 await self._send_error(framed, llm.Error(ErrorCode.TOO_LARGE, str(exc)))
@@ -140,7 +153,7 @@ class RequestHandler:
             if frame is None:
                 return await framed.close()
             try:
-                await self._one(framed, frame, client_address)
+                pending = await self._one(framed, frame, client_address)
             except RequestFailed as failed:
                 if not await self._send_error(framed, failed.error):
                     return await framed.reset()
@@ -149,7 +162,8 @@ class RequestHandler:
                 return await framed.reset()
             timeout = self.limits.keepalive_secs
 
-    async def _one(self, framed: FramedStream, frame: bytes, client_address: str) -> None:
+    async def _one(self, framed: FramedStream, frame: bytes, client_address: str) -> bytes | None:
+        """Serve one request; return a next request that arrived in place of a receipt."""
         request = self._parse(frame)
         backend = self.backends.get(request.model)
         if backend is None:
@@ -164,12 +178,38 @@ class RequestHandler:
                 ErrorCode.BUSY,
                 f"executor busy ({self.limits.max_concurrent_requests} requests running)",
             ) from None
+        if self.receipts is not None and await self.receipts.blocked(client_address):
+            self._slots.release()
+            raise _fail(
+                ErrorCode.RECEIPT_REQUIRED,
+                "too many of your requests are unsigned; sign receipts to be served",
+            )
         self.active += 1
         try:
-            await self._serve(framed, request, backend, client_address)
+            record, asked = await self._serve(framed, request, backend, client_address)
         finally:
             self.active -= 1
             self._slots.release()
+        if asked is None or self.receipts is None:
+            return None
+        return await self._collect_receipt(framed, record, asked)
+
+    async def _collect_receipt(
+        self, framed: FramedStream, record: UsageRecord, asked: llm.ReceiptRequest
+    ) -> bytes | None:
+        assert self.receipts is not None
+        answer: llm.Message | None = None
+        leftover: bytes | None = None
+        try:
+            frame = await framed.read_frame(timeout=self.limits.receipt_timeout_secs)
+            if frame is not None:
+                answer = llm.decode(frame)
+                if isinstance(answer, llm.Request):
+                    leftover, answer = frame, None  # a client that does not sign receipts
+        except (PeerTimeout, ProtocolError):
+            answer = None
+        await self.receipts.settle_answer(record, asked, answer)
+        return leftover
 
     @staticmethod
     def _parse(frame: bytes) -> llm.Request:
@@ -187,7 +227,7 @@ class RequestHandler:
 
     async def _serve(
         self, framed: FramedStream, request: llm.Request, backend: Backend, client: str
-    ) -> None:
+    ) -> tuple[UsageRecord, llm.ReceiptRequest | None]:
         started = time.time()
         try:
             with trio.fail_after(self.limits.request_timeout_secs):
@@ -220,11 +260,13 @@ class RequestHandler:
             completion_tokens=usage.completion_tokens,
             created_at=started,
         )
-        await self.usage.record(record)
+        totals = await self.usage.record(record)
         self.served += 1
+        asked = self.receipts.request_for(totals) if self.receipts is not None else None
         await framed.write_frame(
-            llm.encode(llm.End(record.request_id, request.model, usage, source))
+            llm.encode(llm.End(record.request_id, request.model, usage, source, asked))
         )
+        return record, asked
 
     async def _complete(
         self, framed: FramedStream, request: llm.Request, backend: Backend

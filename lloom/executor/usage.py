@@ -12,9 +12,12 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import trio
 
@@ -34,6 +37,40 @@ MIGRATIONS: tuple[str, ...] = (
         created_at        REAL NOT NULL
     );
     CREATE INDEX usage_by_client ON usage (client_address);
+    """,
+    """
+    ALTER TABLE usage ADD COLUMN prompt_total INTEGER;
+    ALTER TABLE usage ADD COLUMN completion_total INTEGER;
+    ALTER TABLE usage ADD COLUMN receipt TEXT;
+    ALTER TABLE usage ADD COLUMN settlement_id INTEGER;
+    CREATE TABLE channels (
+        client_address   TEXT NOT NULL,
+        model            TEXT NOT NULL,
+        prompt_total     INTEGER NOT NULL,
+        completion_total INTEGER NOT NULL,
+        PRIMARY KEY (client_address, model)
+    );
+    CREATE TABLE receipts (
+        client_address   TEXT NOT NULL,
+        model            TEXT NOT NULL,
+        prompt_total     INTEGER NOT NULL,
+        completion_total INTEGER NOT NULL,
+        deadline         INTEGER NOT NULL,
+        signature        BLOB NOT NULL,
+        PRIMARY KEY (client_address, model)
+    );
+    CREATE TABLE settlements (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        mode         TEXT NOT NULL,
+        nonce        INTEGER NOT NULL,
+        tx_hash      TEXT NOT NULL UNIQUE,
+        raw_tx       BLOB NOT NULL,
+        status       TEXT NOT NULL,
+        items        TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        block_number INTEGER,
+        block_hash   TEXT
+    );
     """,
 )
 
@@ -114,12 +151,24 @@ class UsageStore:
         with self._lock:
             return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
-    def record(self, rec: UsageRecord) -> None:
-        """Store ``rec`` durably; raises :class:`DuplicateUsage` for a known request id."""
-        with self._lock:
+    def record(self, rec: UsageRecord) -> tuple[int, int]:
+        """Store ``rec`` durably and add it to its channel (client, model).
+
+        Returns the channel's running (prompt, completion) totals including ``rec``, the
+        numbers a client signs. Raises :class:`DuplicateUsage` for a known request id.
+        """
+        with self._lock, self._transaction():
+            row = self._db.execute(
+                "SELECT prompt_total, completion_total FROM channels "
+                "WHERE client_address = ? AND model = ?",
+                (rec.client_address, rec.model),
+            ).fetchone()
+            prompt_total = (row[0] if row else 0) + rec.prompt_tokens
+            completion_total = (row[1] if row else 0) + rec.completion_tokens
             try:
                 self._db.execute(
-                    f"INSERT INTO usage ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    f"INSERT INTO usage ({_COLUMNS}, prompt_total, completion_total) "  # noqa: S608
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         rec.request_id,
                         rec.client_address,
@@ -127,10 +176,40 @@ class UsageStore:
                         rec.prompt_tokens,
                         rec.completion_tokens,
                         rec.created_at,
+                        prompt_total,
+                        completion_total,
                     ),
                 )
             except sqlite3.IntegrityError:
                 raise DuplicateUsage(f"request {rec.request_id} is already recorded") from None
+            self._db.execute(
+                "INSERT INTO channels VALUES (?, ?, ?, ?) ON CONFLICT (client_address, model) "
+                "DO UPDATE SET prompt_total = excluded.prompt_total, "
+                "completion_total = excluded.completion_total",
+                (rec.client_address, rec.model, prompt_total, completion_total),
+            )
+        return prompt_total, completion_total
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement (its own transaction) and return its rows."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Several statements in one transaction, under the store's lock."""
+        with self._lock, self._transaction():
+            yield self._db
 
     def get(self, request_id: str) -> UsageRecord | None:
         """The record of ``request_id``, if any."""
@@ -186,6 +265,6 @@ class AsyncUsageStore:
     def __init__(self, store: UsageStore) -> None:
         self.store = store
 
-    async def record(self, rec: UsageRecord) -> None:
-        """Store ``rec`` durably without blocking the event loop."""
-        await trio.to_thread.run_sync(self.store.record, rec)
+    async def record(self, rec: UsageRecord) -> tuple[int, int]:
+        """Store ``rec`` durably without blocking the event loop; return channel totals."""
+        return await trio.to_thread.run_sync(self.store.record, rec)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from lloom.dhtkeys import validate_model_id
 from lloom.errors import ProtocolError, UsageError
+from lloom.protocol.safejson import safe_loads
 
 TOPIC = "lloom/executors/v1"
 MAX_MODELS = 256
@@ -51,10 +52,7 @@ class LoadAnnouncement:
     @classmethod
     def decode(cls, data: bytes) -> LoadAnnouncement:
         """Parse and validate a payload; raises :class:`ProtocolError`."""
-        try:
-            obj = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError(f"announcement is not JSON: {exc}") from None
+        obj = safe_loads(data, "announcement")
         if not isinstance(obj, dict) or obj.get("v") != 1:
             raise ProtocolError("announcement is not a v1 object")
         models, active, cap, ts = (

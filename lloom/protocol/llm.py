@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from lloom.dhtkeys import validate_model_id
 from lloom.errors import ProtocolError, UsageError
+from lloom.protocol.safejson import safe_loads
 
 PROTOCOL_ID = "/lloom/llm/1.0.0"
 
@@ -41,6 +42,7 @@ class ErrorCode(StrEnum):
     BACKEND_UNREACHABLE = "backend_unreachable"
     BACKEND_ERROR = "backend_error"
     BACKEND_TIMEOUT = "backend_timeout"
+    RECEIPT_REQUIRED = "receipt_required"
     INTERNAL = "internal"
 
     @property
@@ -62,6 +64,7 @@ _STATUS = {
     ErrorCode.BACKEND_UNREACHABLE: 502,
     ErrorCode.BACKEND_ERROR: 502,
     ErrorCode.BACKEND_TIMEOUT: 504,
+    ErrorCode.RECEIPT_REQUIRED: 402,
     ErrorCode.INTERNAL: 500,
 }
 
@@ -144,6 +147,47 @@ class Response:
 
 
 @dataclass(frozen=True, slots=True)
+class ReceiptRequest:
+    """What an executor asks the client to sign after a request (verified accounting)."""
+
+    executor: str
+    chain_id: int
+    contract: str
+    prompt_total: int
+    completion_total: int
+    deadline: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object inside an ``end`` message."""
+        return {
+            "executor": self.executor,
+            "chain_id": self.chain_id,
+            "contract": self.contract,
+            "prompt_total": self.prompt_total,
+            "completion_total": self.completion_total,
+            "deadline": self.deadline,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> ReceiptRequest:
+        """Parse the ``receipt`` object of an ``end`` message."""
+        if not isinstance(obj, Mapping):
+            raise ProtocolError("receipt request must be an object")
+        ints = {k: obj.get(k) for k in ("chain_id", "prompt_total", "completion_total", "deadline")}
+        for key, value in ints.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ProtocolError(f"receipt.{key} must be a non-negative integer")
+        return cls(
+            _string(obj, "executor"),
+            ints["chain_id"],  # type: ignore[arg-type]
+            _string(obj, "contract"),
+            ints["prompt_total"],  # type: ignore[arg-type]
+            ints["completion_total"],  # type: ignore[arg-type]
+            ints["deadline"],  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     """Successful end of a request: what the executor stored as usage."""
 
@@ -151,6 +195,23 @@ class End:
     model: str
     usage: Usage
     usage_source: str = "backend"  # "backend" (reported) or "counted" (tiktoken)
+    receipt: ReceiptRequest | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignedReceipt:
+    """The client's answer to a receipt request: its EIP-712 signature (65 bytes)."""
+
+    request_id: str
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The client's refusal to sign, and why."""
+
+    request_id: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +227,7 @@ class Error:
             object.__setattr__(self, "status", self.code.http_status)
 
 
-Message = Request | Chunk | Response | End | Error
+Message = Request | Chunk | Response | End | Error | SignedReceipt | Refusal
 Terminal = End | Error
 
 
@@ -188,6 +249,16 @@ def encode(msg: Message) -> bytes:
                 "usage": msg.usage.to_json(),
                 "usage_source": msg.usage_source,
             }
+            if msg.receipt is not None:
+                obj["receipt"] = msg.receipt.to_json()
+        case SignedReceipt():
+            obj = {
+                "t": "receipt",
+                "request_id": msg.request_id,
+                "signature": "0x" + msg.signature.hex(),
+            }
+        case Refusal():
+            obj = {"t": "refusal", "request_id": msg.request_id, "reason": msg.reason}
         case Error():
             obj = {
                 "t": "error",
@@ -198,37 +269,59 @@ def encode(msg: Message) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
+def _request(obj: dict[str, Any]) -> Message:
+    return Request(RequestKind(obj["kind"]), _object(obj, "body"))
+
+
+def _end(obj: dict[str, Any]) -> Message:
+    receipt = obj.get("receipt")
+    return End(
+        _string(obj, "request_id"),
+        _string(obj, "model"),
+        Usage.from_json(obj.get("usage")),
+        _string(obj, "usage_source"),
+        None if receipt is None else ReceiptRequest.from_json(receipt),
+    )
+
+
+def _error(obj: dict[str, Any]) -> Message:
+    status = obj.get("status", 0)
+    if not isinstance(status, int):
+        raise ProtocolError("error.status must be an integer")
+    return Error(ErrorCode(obj["code"]), _string(obj, "message"), status)
+
+
+def _receipt(obj: dict[str, Any]) -> Message:
+    sig = _string(obj, "signature")
+    if not sig.startswith("0x") or len(sig) != 132:
+        raise ProtocolError("receipt.signature must be 65 bytes of 0x-hex")
+    return SignedReceipt(_string(obj, "request_id"), bytes.fromhex(sig[2:]))
+
+
+_PARSERS: dict[str, Callable[[dict[str, Any]], Message]] = {
+    "request": _request,
+    "chunk": lambda obj: Chunk(_object(obj, "data")),
+    "response": lambda obj: Response(_object(obj, "data")),
+    "end": _end,
+    "error": _error,
+    "receipt": _receipt,
+    "refusal": lambda obj: Refusal(_string(obj, "request_id"), _string(obj, "reason")),
+}
+
+
 def decode(frame: bytes) -> Message:
     """Parse one frame; raises :class:`ProtocolError` for anything malformed."""
-    try:
-        obj = json.loads(frame)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"frame is not JSON: {exc}") from None
+    obj = safe_loads(frame, "frame")
     if not isinstance(obj, dict):
         raise ProtocolError("frame is not a JSON object")
     kind = obj.get("t")
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        raise ProtocolError(f"unknown message type {kind!r}")
     try:
-        if kind == "request":
-            return Request(RequestKind(obj["kind"]), _object(obj, "body"))
-        if kind == "chunk":
-            return Chunk(_object(obj, "data"))
-        if kind == "response":
-            return Response(_object(obj, "data"))
-        if kind == "end":
-            return End(
-                _string(obj, "request_id"),
-                _string(obj, "model"),
-                Usage.from_json(obj.get("usage")),
-                _string(obj, "usage_source"),
-            )
-        if kind == "error":
-            status = obj.get("status", 0)
-            if not isinstance(status, int):
-                raise ProtocolError("error.status must be an integer")
-            return Error(ErrorCode(obj["code"]), _string(obj, "message"), status)
+        return parser(obj)
     except (KeyError, ValueError) as exc:
         raise ProtocolError(f"malformed {kind} message: {exc}") from None
-    raise ProtocolError(f"unknown message type {kind!r}")
 
 
 def _object(obj: Mapping[str, Any], key: str) -> dict[str, Any]:

@@ -81,8 +81,14 @@ class ListSink:
     def __init__(self) -> None:
         self.records: list[UsageRecord] = []
 
-    async def record(self, rec: UsageRecord) -> None:
+    async def record(self, rec: UsageRecord) -> tuple[int, int]:
         self.records.append(rec)
+        mine = [
+            r
+            for r in self.records
+            if (r.client_address, r.model) == (rec.client_address, rec.model)
+        ]
+        return sum(r.prompt_tokens for r in mine), sum(r.completion_tokens for r in mine)
 
 
 def chat(stream: bool, model: str = "m", **extra: Any) -> bytes:

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from lloom.errors import ProtocolError, UsageError
-from lloom.protocol import llm
+from lloom.protocol import llm, safejson
 from lloom.protocol.llm import ErrorCode, RequestKind
 
 
@@ -19,6 +19,15 @@ from lloom.protocol.llm import ErrorCode, RequestKind
         llm.Response({"choices": []}),
         llm.End("r1", "m", llm.Usage(3, 4), "counted"),
         llm.Error(ErrorCode.BUSY, "full"),
+        llm.End(
+            "r2",
+            "m",
+            llm.Usage(1, 2),
+            "backend",
+            llm.ReceiptRequest("0xE", 31337, "0xC", 10, 20, 99),
+        ),
+        llm.SignedReceipt("r2", b"\x01" * 65),
+        llm.Refusal("r2", "inflated"),
     ],
 )
 def test_round_trip(msg: llm.Message) -> None:
@@ -48,11 +57,28 @@ def test_error_status_defaults_and_overrides() -> None:
         b'{"t": "error", "code": "weird", "message": "x"}',
         b'{"t": "error", "code": "busy", "message": "x", "status": "500"}',
         b"[" * 100000,
+        b'{"t": "receipt", "request_id": "r", "signature": "0x12"}',
+        b'{"t": "receipt", "request_id": "r", "signature": "0x' + b"zz" * 65 + b'"}',
+        b'{"t": "end", "request_id": "r", "model": "m", "usage": {"prompt_tokens": 1, '
+        b'"completion_tokens": 1}, "usage_source": "backend", "receipt": {"chain_id": -1}}',
     ],
 )
 def test_decode_rejects(frame: bytes) -> None:
     with pytest.raises(ProtocolError):
         llm.decode(frame)
+
+
+def test_deep_nesting_is_refused_before_parsing() -> None:
+    assert safejson.json_depth(b'{"a": [[1]]}') == 3  # few openers: counted, not scanned
+    deep = b'{"t": "chunk", "data": ' + b"[" * 70 + b"]" * 70 + b"}"
+    assert safejson.json_depth(deep) == 71
+    with pytest.raises(ProtocolError, match="nested deeper"):
+        llm.decode(deep)
+    # Brackets inside strings do not count.
+    text = b'{"t": "chunk", "data": {"x": "' + b"[" * 500 + b'"}}'
+    assert isinstance(llm.decode(text), llm.Chunk)
+    with pytest.raises(ProtocolError):
+        llm.decode(b"[" * 1_000_000)
 
 
 def test_simple_prompt_form_becomes_a_message() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lloom.executor.usage import (
+    MIGRATIONS,
     AsyncUsageStore,
     DuplicateUsage,
     UsageRecord,
@@ -33,7 +34,7 @@ def test_round_trip_and_totals(tmp_path: Path) -> None:
         assert store.count() == 2
         assert store.all() == [rec(1), rec(2, "0x" + "cd" * 20)]
         assert store.totals_by_client() == {ADDR: 16, "0x" + "cd" * 20: 17}
-        assert store.schema_version == 1
+        assert store.schema_version == 2
 
 
 def test_duplicate_is_refused(tmp_path: Path) -> None:
@@ -105,3 +106,26 @@ async def test_async_sink(tmp_path: Path) -> None:
     with UsageStore(tmp_path / "u.db") as store:
         await AsyncUsageStore(store).record(rec(7))
         assert store.get("req-7") == rec(7)
+
+
+def test_channel_running_totals(tmp_path: Path) -> None:
+    with UsageStore(tmp_path / "u.db") as store:
+        assert store.record(rec(1)) == (11, 5)
+        assert store.record(rec(2)) == (23, 10)
+        assert store.record(rec(3, "0x" + "cd" * 20)) == (13, 5)
+        with pytest.raises(DuplicateUsage):
+            store.record(rec(2))
+        assert store.record(rec(4)) == (37, 15)  # the refused duplicate added nothing
+
+
+def test_version_1_file_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "u.db"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0] + "PRAGMA user_version=1;")
+    db.execute("INSERT INTO usage VALUES ('old', ?, 'm', 1, 2, 0.0)", (ADDR,))
+    db.commit()
+    db.close()
+    with UsageStore(path) as store:
+        assert store.schema_version == len(MIGRATIONS)
+        assert store.get("old") == UsageRecord("old", ADDR, "m", 1, 2, 0.0)
+        assert store.record(rec(1)) == (11, 5)
