@@ -18,6 +18,7 @@ import trio
 from lloom import __version__
 from lloom.cli.common import EXIT_OK, add_identity_args, identity_from_args, run_main
 from lloom.client.discovery import ordered_executors
+from lloom.client.receipts import Ledger, ReceiptSigner
 from lloom.client.session import Result, request_with_failover
 from lloom.errors import (
     AllExecutorsFailed,
@@ -32,6 +33,7 @@ from lloom.errors import (
 from lloom.identity import Identity
 from lloom.logs import configure_logging
 from lloom.node.node import NodeConfig, open_node, parse_multiaddr_list
+from lloom.paths import default_data_dir
 from lloom.protocol import llm
 
 logger = logging.getLogger("lloom.client")
@@ -119,9 +121,19 @@ async def ask(identity: Identity, args: argparse.Namespace, request: llm.Request
             logger.debug(
                 "executors for %s: %s", request.model, [str(c.peer_id) for c in candidates]
             )
-            result = await request_with_failover(
-                node, candidates, request, on_chunk, total_timeout=args.timeout
-            )
+            ledger = Ledger(default_data_dir() / "client-ledger.sqlite3")
+            signer = ReceiptSigner(identity, ledger)
+            try:
+                result = await request_with_failover(
+                    node, candidates, request, on_chunk, total_timeout=args.timeout, signer=signer
+                )
+            finally:
+                ledger.close()
+            if signer.last_refusal:
+                print(
+                    f"warning: refused to sign the executor's usage: {signer.last_refusal}",
+                    file=sys.stderr,
+                )
     if result.response is not None:
         text = "".join(
             str((c.get("message") or {}).get("content") or "")

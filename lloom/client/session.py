@@ -19,6 +19,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from lloom.client.receipts import ReceiptSigner
 from lloom.errors import (
     AllExecutorsFailed,
     DialError,
@@ -30,6 +31,7 @@ from lloom.errors import (
     RequestTimeout,
 )
 from lloom.framing import DEFAULT_MAX_FRAME
+from lloom.identity import address_from_peer_id
 from lloom.node.node import Node
 from lloom.node.streams import FramedStream
 from lloom.protocol import llm
@@ -96,12 +98,45 @@ class StreamPool:
         self._idle.clear()
 
 
+def _text_of(data: dict[str, Any]) -> str:
+    """Generated text in a chunk or a complete response."""
+    parts = []
+    for choice in data.get("choices") or []:
+        holder = choice.get("delta") or choice.get("message") or {}
+        parts.append(str(holder.get("content") or choice.get("text") or ""))
+    return "".join(parts)
+
+
+async def _answer_receipt(
+    framed: FramedStream,
+    *,
+    request: llm.Request,
+    peer_id: ID,
+    text: str,
+    end: llm.End,
+    signer: ReceiptSigner | None,
+) -> None:
+    answer: llm.Message
+    if signer is None:
+        answer = llm.Refusal(end.request_id, "this client does not sign receipts")
+    else:
+        answer = signer.answer(address_from_peer_id(peer_id), request, text, end)
+        if isinstance(answer, llm.Refusal):
+            logger.warning("refused to sign the executor's usage: %s", answer.reason)
+    await framed.write_frame(llm.encode(answer))
+
+
 async def _exchange(
-    framed: FramedStream, request: llm.Request, peer_id: ID, on_chunk: ChunkCallback | None
+    framed: FramedStream,
+    request: llm.Request,
+    peer_id: ID,
+    on_chunk: ChunkCallback | None,
+    signer: ReceiptSigner | None = None,
 ) -> tuple[Result | None, int]:
     """One request on ``framed``; ``(None, 0)`` if the stream was already closed."""
     chunks = 0
     response: dict[str, Any] | None = None
+    text: list[str] = []
     await framed.write_frame(llm.encode(request))
     while True:
         frame = await framed.read_frame()
@@ -113,11 +148,22 @@ async def _exchange(
         match msg:
             case llm.Chunk(data=data):
                 chunks += 1
+                text.append(_text_of(data))
                 if on_chunk is not None:
                     await on_chunk(data)
             case llm.Response(data=data):
                 response = data
+                text.append(_text_of(data))
             case llm.End():
+                if msg.receipt is not None:
+                    await _answer_receipt(
+                        framed,
+                        request=request,
+                        peer_id=peer_id,
+                        text="".join(text),
+                        end=msg,
+                        signer=signer,
+                    )
                 return Result(peer_id, msg, response, chunks), chunks
             case llm.Error(code=code, message=message):
                 raise RemoteError(code.value, message)
@@ -133,6 +179,7 @@ async def send_request(
     *,
     idle_timeout: float = 120.0,
     pool: StreamPool | None = None,
+    signer: ReceiptSigner | None = None,
 ) -> Result:
     """Run ``request`` on one executor; ``on_chunk`` receives streamed chunks.
 
@@ -153,7 +200,7 @@ async def send_request(
                 await on_chunk(chunk)
 
         try:
-            result, _ = await _exchange(reused, request, info.peer_id, counting)
+            result, _ = await _exchange(reused, request, info.peer_id, counting, signer)
         except RemoteError:
             await pool.give_back(info.peer_id, reused)  # type: ignore[union-attr]
             raise
@@ -167,7 +214,7 @@ async def send_request(
             return result
     framed = await _open(node, info, idle_timeout)
     try:
-        result, _ = await _exchange(framed, request, info.peer_id, on_chunk)
+        result, _ = await _exchange(framed, request, info.peer_id, on_chunk, signer)
     except RemoteError:
         await _finish(framed, pool, info.peer_id)
         raise
@@ -207,6 +254,7 @@ async def request_with_failover(
     idle_timeout: float = 120.0,
     total_timeout: float | None = None,
     pool: StreamPool | None = None,
+    signer: ReceiptSigner | None = None,
 ) -> Result:
     """Try ``candidates`` in order until one answers (see the module docstring)."""
     errors: list[tuple[str, str]] = []
@@ -224,7 +272,13 @@ async def request_with_failover(
             for info in candidates:
                 try:
                     return await send_request(
-                        node, info, request, counting, idle_timeout=idle_timeout, pool=pool
+                        node,
+                        info,
+                        request,
+                        counting,
+                        idle_timeout=idle_timeout,
+                        pool=pool,
+                        signer=signer,
                     )
                 except (RemoteError, NetworkError, ProtocolError) as exc:
                     if delivered:
