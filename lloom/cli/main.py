@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 
 from lloom import __version__
-from lloom.cli import dht
+from lloom.cli import chain, dht
 from lloom.cli.common import (
     EXIT_OK,
     add_identity_args,
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--force", action="store_true", help="overwrite an existing key file")
     new.add_argument("--json", dest="new_json", action="store_true", help="print JSON")
     dht.add_parsers(sub)
+    chain.add_parsers(sub)
     return parser
 
 
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "identity":
             return _identity(args)
+        if args.command == "chain":
+            return chain.run_deploy(args)
+        if args.command == "usage":
+            return chain.run_usage(args)
         if args.command == "dht":
             command = dht.find_providers if args.dht_command == "providers" else dht.provide
             return trio.run(command, args)

@@ -16,6 +16,8 @@ import httpx
 import trio
 
 from lloom import __version__
+from lloom.chain.contract import connect
+from lloom.chain.receipts import Domain
 from lloom.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -28,7 +30,10 @@ from lloom.errors import LloomError, NetworkError
 from lloom.executor.backend import OpenAIBackend
 from lloom.executor.config import ExecutorConfig, load_config
 from lloom.executor.handler import Backend, RequestHandler
+from lloom.executor.receipts import ReceiptBook
 from lloom.executor.server import announce_keys, install, keep_announcing
+from lloom.executor.settle_loop import Trigger, on_sigusr1, settle_forever
+from lloom.executor.settlement import Settler
 from lloom.executor.usage import AsyncUsageStore, UsageStore
 from lloom.identity import Identity
 from lloom.logs import configure_logging
@@ -90,9 +95,18 @@ async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig
                     backend = OpenAIBackend(spec, http)
                     for model in spec.models:
                         backends.setdefault(model, backend)
-                handler = RequestHandler(backends, AsyncUsageStore(store), config.limits)
+                book, settler = chain_parts(identity, config, store)
+                if book is not None and settler is not None:
+                    await learn_domain(book, settler)
+                handler = RequestHandler(backends, AsyncUsageStore(store), config.limits, book)
                 async with open_node(identity, node_cfg) as node, trio.open_nursery() as nursery:
                     install(node, handler)
+                    if settler is not None and config.chain is not None:
+                        trigger = Trigger()
+                        nursery.start_soon(on_sigusr1, trigger)
+                        nursery.start_soon(
+                            settle_forever, settler, book, config.chain.batch_interval_secs, trigger
+                        )
                     if not node.host.get_connected_peers():
                         raise NetworkError("no bootstrap node reachable")
                     confirmed = await announce_keys(node, handler.models)
@@ -107,6 +121,38 @@ async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig
                     nursery.cancel_scope.cancel()
     finally:
         store.close()
+
+
+async def learn_domain(book: ReceiptBook, settler: Settler) -> None:
+    """Ask the chain for its id, so receipts can be asked for from the first request."""
+    try:  # bounded by the HTTP provider's timeout
+        chain_id = await trio.to_thread.run_sync(lambda: settler.w3.eth.chain_id)
+    except Exception as exc:  # RPC down: the settlement loop learns it later
+        logger.warning("chain RPC unreachable (%s); receipts start once it answers", exc)
+        return
+    book.domain = Domain(chain_id, settler.contract.address)
+
+
+def chain_parts(
+    identity: Identity, config: ExecutorConfig, store: UsageStore
+) -> tuple[ReceiptBook | None, Settler | None]:
+    """The receipt book and settler of a ``[chain]`` config (none without one)."""
+    chain = config.chain
+    if chain is None:
+        return None, None
+    settler = Settler(
+        store,
+        identity,
+        connect(chain.rpc_url),
+        chain.contract_address,
+        mode=chain.mode,
+        confirmations=chain.confirmations,
+    )
+    if chain.mode != "verified":
+        return None, settler
+    # The domain (chain id) is learnt by the first settlement round: receipts are asked for
+    # from then on, so the executor serves even while the RPC is down.
+    return ReceiptBook(store, identity.address, max_unsigned=chain.max_unsigned_requests), settler
 
 
 def main(argv: list[str] | None = None) -> int:

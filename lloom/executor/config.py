@@ -44,6 +44,8 @@ class ChainSection:
     batch_interval_secs: float = 300.0
     confirmations: int = 1
     mode: str = "verified"
+    #: Refuse clients with more unsigned (refused or missing) receipts than this.
+    max_unsigned_requests: int | None = None
 
 
 @dataclass(frozen=True)
@@ -201,8 +203,16 @@ def _chain(source: str, table: object) -> ChainSection:
     mode = r.get("mode", str, "verified")
     if mode not in ("verified", "unverified"):
         raise r.error("must be 'verified' or 'unverified'", "mode")
+    max_unsigned = r.get("max_unsigned_requests", int, None)
+    if max_unsigned is not None and max_unsigned < 0:
+        raise r.error("must be zero or more", "max_unsigned_requests")
     chain = ChainSection(
-        rpc_url, address, float(r.positive("batch_interval_secs", 300.0)), confirmations, mode
+        rpc_url,
+        address,
+        float(r.positive("batch_interval_secs", 300.0)),
+        confirmations,
+        mode,
+        max_unsigned,
     )
     r.finish()
     return chain

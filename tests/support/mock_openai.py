@@ -39,6 +39,8 @@ class MockOptions:
     delay_ms: int = 0
     chunk_delay_ms: int = 0
     fail_status: int = 0
+    #: Multiply reported completion tokens (a dishonest backend/executor, for tests).
+    inflate_usage: int = 1
     models: tuple[str, ...] = ("mock-a", "mock-b", "smollm2")
     #: Every request body received, for assertions in-process.
     seen: list[dict[str, Any]] = field(default_factory=list)
@@ -103,10 +105,11 @@ def build_app(options: MockOptions) -> Starlette:
         if model not in options.models:
             return _error(404, f"model {model!r} not found", "model_not_found")
         text = _reply(options, body)
+        completion = _words(text) * options.inflate_usage
         usage = {
             "prompt_tokens": _words(_prompt_text(body)),
-            "completion_tokens": _words(text),
-            "total_tokens": _words(_prompt_text(body)) + _words(text),
+            "completion_tokens": completion,
+            "total_tokens": _words(_prompt_text(body)) + completion,
         }
         if body.get("stream"):
             want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -203,6 +206,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, int, MockOptions]:
     p.add_argument("--delay-ms", type=int, default=0)
     p.add_argument("--chunk-delay-ms", type=int, default=0)
     p.add_argument("--fail-status", type=int, default=0)
+    p.add_argument("--inflate-usage", type=int, default=1)
     p.add_argument("--models", default="mock-a,mock-b,smollm2")
     a = p.parse_args(argv)
     options = MockOptions(
@@ -211,6 +215,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, int, MockOptions]:
         delay_ms=a.delay_ms,
         chunk_delay_ms=a.chunk_delay_ms,
         fail_status=a.fail_status,
+        inflate_usage=a.inflate_usage,
         models=tuple(m for m in a.models.split(",") if m),
     )
     return a.host, a.port, options

@@ -1,0 +1,264 @@
+"""Settling stored usage on chain, durably.
+
+Each round (every ``batch_interval_secs``, on SIGUSR1, and every second while a settlement is
+in flight) the :class:`Settler`
+
+1. advances every settlement in flight: mined and ``confirmations`` deep -> ``confirmed``;
+   mined in a block that is no longer canonical (a reorg) or gone from the node -> the *same*
+   signed bytes are sent again; its nonce used by another transaction -> ``replaced``, and
+   its usage goes into a later batch;
+2. when nothing is in flight, builds the next batch: in ``verified`` mode one ``settle`` call
+   with the best client-signed receipt of every channel that has unsettled tokens (up to
+   ``max_batch``); in ``unverified`` mode one ``recordUsage`` transaction per usage row, the
+   design's path, with consecutive nonces.
+
+Every transaction is signed once and stored (raw bytes and hash, in the same SQLite file as
+the usage) *before* it is sent, so a SIGKILL at any point loses nothing: the next start
+resumes it. A timeout or a "nonce too low" answer is resolved by looking the transaction up
+by hash, never by signing a new one. Nothing is counted twice: the contract settles running
+totals per channel, and a replayed or older receipt settles nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from eth_typing import HexStr
+from web3 import Web3
+from web3.exceptions import TransactionNotFound
+
+from lloom.chain.contract import accounting
+from lloom.chain.receipts import Receipt
+from lloom.chain.tx import fees, sign_tx
+from lloom.executor.usage import UsageStore
+from lloom.identity import Identity
+
+logger = logging.getLogger(__name__)
+
+PENDING, CONFIRMED, REPLACED, FAILED = "pending", "confirmed", "replaced", "failed"
+#: Receipts closer than this to their deadline are not sent (they could expire in the pool).
+DEADLINE_MARGIN_SECS = 120
+
+
+@dataclass
+class RoundReport:
+    """What a settlement round did, for logs and the executor's stdout."""
+
+    sent: list[tuple[str, int]] = field(default_factory=list)  # (tx hash, records)
+    confirmed: list[tuple[str, int, int]] = field(default_factory=list)  # (hash, block, records)
+    resent: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """One stdout line per event."""
+        out = [f"settlement sent tx={h} records={n}" for h, n in self.sent]
+        out += [f"settlement resent tx={h}" for h in self.resent]
+        out += [f"settlement replaced tx={h}" for h in self.replaced]
+        out += [f"settlement failed tx={h}" for h in self.failed]
+        out += [f"settlement confirmed tx={h} block={b} records={n}" for h, b, n in self.confirmed]
+        return out
+
+
+class Settler:
+    """Settles one executor's usage; all methods are synchronous (run them in a thread)."""
+
+    def __init__(
+        self,
+        store: UsageStore,
+        identity: Identity,
+        w3: Web3,
+        contract_address: str,
+        *,
+        mode: str = "verified",
+        confirmations: int = 1,
+        max_batch: int = 100,
+    ) -> None:
+        self.store = store
+        self.identity = identity
+        self.address = Web3.to_checksum_address(identity.address)
+        self.w3 = w3
+        self.contract = accounting(w3, contract_address)
+        self.mode = mode
+        self.confirmations = confirmations
+        self.max_batch = max_batch
+
+    # --- the round ------------------------------------------------------------------------
+
+    def in_flight(self) -> int:
+        """Settlements sent (or signed) and not yet final."""
+        rows = self.store.execute("SELECT COUNT(*) FROM settlements WHERE status = ?", (PENDING,))
+        return int(rows[0][0])
+
+    def round(self) -> RoundReport:
+        """Advance settlements in flight; start a new batch when none is."""
+        report = RoundReport()
+        for row in self.store.execute(
+            "SELECT id, tx_hash, raw_tx, nonce, items FROM settlements "
+            "WHERE status = ? ORDER BY nonce",
+            (PENDING,),
+        ):
+            self._advance(row, report)
+        if self.in_flight() == 0:
+            self._start_batch(report)
+        return report
+
+    def _advance(self, row: tuple[Any, ...], report: RoundReport) -> None:
+        sid, tx_hash, raw, nonce, items = row
+        try:
+            receipt = self.w3.eth.get_transaction_receipt(tx_hash)
+        except TransactionNotFound:
+            receipt = None
+        if receipt is not None:
+            block = self.w3.eth.get_block(receipt["blockNumber"])
+            if block["hash"] != receipt["blockHash"]:
+                receipt = None  # mined in a block a reorg replaced
+        if receipt is None:
+            self._not_mined(sid, tx_hash, raw, nonce, report)
+            return
+        if receipt["status"] != 1:
+            self._set(sid, FAILED)
+            report.failed.append(tx_hash)
+            logger.error("settlement %s reverted; its usage goes into a later batch", tx_hash)
+            return
+        depth = self.w3.eth.block_number - receipt["blockNumber"] + 1
+        if depth >= self.confirmations:
+            number = int(receipt["blockNumber"])
+            with self.store.transaction() as db:
+                db.execute(
+                    "UPDATE settlements SET status = ?, block_number = ?, block_hash = ? "
+                    "WHERE id = ?",
+                    (CONFIRMED, number, receipt["blockHash"].to_0x_hex(), sid),
+                )
+            report.confirmed.append((tx_hash, number, len(json.loads(items))))
+
+    def _not_mined(
+        self, sid: int, tx_hash: str, raw: bytes, nonce: int, report: RoundReport
+    ) -> None:
+        try:
+            self.w3.eth.get_transaction(HexStr(tx_hash))
+            return  # waiting in the pool
+        except TransactionNotFound:
+            pass
+        if self.w3.eth.get_transaction_count(self.address, "latest") > nonce:
+            # Our nonce went to another transaction: this one can never be mined.
+            self._set(sid, REPLACED)
+            report.replaced.append(tx_hash)
+            return
+        self._send(raw, tx_hash)
+        report.resent.append(tx_hash)
+
+    def _send(self, raw: bytes, tx_hash: str) -> None:
+        """Send signed bytes; answers meaning "already there" are fine (checked by hash)."""
+        try:
+            self.w3.eth.send_raw_transaction(raw)
+        except ValueError as exc:  # JSON-RPC errors: nonce too low, already known, ...
+            logger.info("node answered %s for %s; will check by hash", exc, tx_hash)
+
+    def _set(self, sid: int, status: str) -> None:
+        """Mark a settlement final; a failed or replaced one frees its usage rows."""
+        with self.store.transaction() as db:
+            db.execute("UPDATE settlements SET status = ? WHERE id = ?", (status, sid))
+            if status in (FAILED, REPLACED):
+                db.execute("UPDATE usage SET settlement_id = NULL WHERE settlement_id = ?", (sid,))
+
+    # --- new batches ----------------------------------------------------------------------
+
+    def _next_nonce(self) -> int:
+        rows = self.store.execute(
+            "SELECT MAX(nonce) FROM settlements WHERE status IN (?, ?)", (PENDING, CONFIRMED)
+        )
+        stored = -1 if rows[0][0] is None else int(rows[0][0])
+        return max(stored + 1, self.w3.eth.get_transaction_count(self.address, "pending"))
+
+    def _start_batch(self, report: RoundReport) -> None:
+        txs = self._verified_batch() if self.mode == "verified" else self._unverified_batch()
+        for tx_hash, raw, records in txs:
+            self._send(raw, tx_hash)
+            report.sent.append((tx_hash, records))
+
+    def settled_totals(self) -> dict[tuple[str, str], int]:
+        """Per channel, the running total already in a confirmed or pending settlement."""
+        best: dict[tuple[str, str], int] = {}
+        for (items,) in self.store.execute(
+            "SELECT items FROM settlements WHERE mode = 'verified' AND status IN (?, ?)",
+            (PENDING, CONFIRMED),
+        ):
+            for item in json.loads(items):
+                key = (item["client"], item["model"])
+                best[key] = max(best.get(key, 0), int(item["total"]))
+        return best
+
+    def _verified_batch(self) -> list[tuple[str, bytes, int]]:
+        done = self.settled_totals()
+        horizon = int(time.time()) + DEADLINE_MARGIN_SECS
+        batch: list[Receipt] = []
+        for client, model, prompt, completion, deadline, signature in self.store.execute(
+            "SELECT client_address, model, prompt_total, completion_total, deadline, signature "
+            "FROM receipts ORDER BY client_address, model"
+        ):
+            if prompt + completion > done.get((client, model), 0) and deadline > horizon:
+                batch.append(
+                    Receipt(
+                        self.identity.address,
+                        client,
+                        model,
+                        prompt,
+                        completion,
+                        deadline,
+                        bytes(signature),
+                    )
+                )
+            if len(batch) >= self.max_batch:
+                break
+        if not batch:
+            return []
+        call = self.contract.functions.settle([r.contract_args() for r in batch])
+        items = [{"client": r.client, "model": r.model, "total": r.total} for r in batch]
+        return [self._sign_and_store(call, items, self._next_nonce())]
+
+    def _unverified_batch(self) -> list[tuple[str, bytes, int]]:
+        rows = self.store.execute(
+            "SELECT request_id, client_address, model, prompt_tokens + completion_tokens "
+            "FROM usage WHERE settlement_id IS NULL AND prompt_tokens + completion_tokens > 0 "
+            "ORDER BY created_at LIMIT ?",
+            (self.max_batch,),
+        )
+        out = []
+        nonce = self._next_nonce() if rows else 0
+        for request_id, client, model, total in rows:
+            call = self.contract.functions.recordUsage(
+                Web3.to_checksum_address(client), model, total
+            )
+            out.append(self._sign_and_store(call, [request_id], nonce, request_ids=[request_id]))
+            nonce += 1
+        return out
+
+    def _sign_and_store(
+        self, call: Any, items: list[Any], nonce: int, request_ids: list[str] | None = None
+    ) -> tuple[str, bytes, int]:
+        tx: dict[str, Any] = {
+            "from": self.address,
+            "nonce": nonce,
+            "chainId": self.w3.eth.chain_id,
+            **fees(self.w3),
+        }
+        tx["gas"] = int(call.estimate_gas({"from": self.address}) * 1.25) + 10_000
+        built = call.build_transaction(tx)
+        raw, tx_hash = sign_tx(self.identity, built)
+        with self.store.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO settlements (mode, nonce, tx_hash, raw_tx, status, items, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (self.mode, nonce, tx_hash, raw, PENDING, json.dumps(items), time.time()),
+            )
+            for request_id in request_ids or []:
+                db.execute(
+                    "UPDATE usage SET settlement_id = ? WHERE request_id = ?",
+                    (cursor.lastrowid, request_id),
+                )
+        return tx_hash, raw, len(items)
