@@ -21,14 +21,15 @@ KEYS = [
 def start_anvil(
     procs: Processes, name: str = "anvil", *flags: str, port: int = 0
 ) -> tuple[Proc, str]:
-    """Start anvil on 127.0.0.1 (pruned history, its own HOME); return it and its RPC URL."""
+    """Start anvil on 127.0.0.1 (history pruned to 64 states, enough for reorg tests; its
+    own HOME); return it and its RPC URL."""
     if not ANVIL.exists():
         raise FileNotFoundError(f"{ANVIL} missing: run make npm (make test does)")
     home = procs.root / name / "home"
     home.mkdir(parents=True, exist_ok=True)
     proc = procs.start(
         name,
-        [str(ANVIL), "--host", "127.0.0.1", "--port", str(port), "--prune-history", *flags],
+        [str(ANVIL), "--host", "127.0.0.1", "--port", str(port), "--prune-history", "64", *flags],
         env={"HOME": str(home)},
     )
     line = proc.wait_for_line(lambda s: s.startswith("Listening on "))

@@ -1,0 +1,148 @@
+"""Settlement under faults: every test ends by checking exact on-chain totals."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+import pytest
+
+from lloom.chain.contract import accounting, connect
+from tests.e2e.test_accounting import (
+    CLIENT,
+    EXECUTOR,
+    EXECUTOR_KEY,
+    ask,
+    chain_section,
+    chain_usage,
+    deploy,
+    settle_now,
+)
+from tests.support.anvil import start_anvil
+from tests.support.network import start_executor, start_mock, start_validator
+from tests.support.procs import Processes
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+
+def rpc_call(url: str, method: str, params: list[Any]) -> Any:
+    w3 = connect(url)
+    return w3.provider.make_request(method, params)  # type: ignore[arg-type]
+
+
+def total_on_chain(rpc: str, contract: str) -> int:
+    return int(accounting(connect(rpc), contract).functions.totalTokensByExecutor(EXECUTOR).call())
+
+
+def network(procs: Processes, rpc: str, contract: str, confirmations: int = 1) -> Any:
+    _, url = start_mock(procs)
+    _, v = start_validator(procs)
+    boot = v.listen[0]
+    ex, _, _ = start_executor(
+        procs,
+        "exec",
+        boot,
+        url,
+        ["mock-a"],
+        extra=chain_section(rpc, contract, confirmations=confirmations),
+        key=EXECUTOR_KEY,
+    )
+    return ex, boot, url
+
+
+def test_sigkill_with_unsettled_usage_then_restart(procs: Processes) -> None:
+    _, rpc = start_anvil(procs)
+    contract = deploy(procs, rpc)
+    ex, boot, url = network(procs, rpc, contract)
+    for prompt in ("one", "two two"):
+        assert ask(procs, boot, prompt).returncode == 0
+    ex.kill()
+    restarted, _, _ = start_executor(
+        procs, "exec", boot, url, ["mock-a"], extra=chain_section(rpc, contract), key=EXECUTOR_KEY
+    )
+    settle_now(restarted)
+    assert total_on_chain(rpc, contract) == (1 + 2) + (2 + 3)
+    assert [(e["client"], e["tokenCount"]) for e in chain_usage(rpc, contract)] == [(CLIENT, 8)]
+
+
+def test_sigkill_with_a_settlement_in_flight(procs: Processes) -> None:
+    _, rpc = start_anvil(procs)
+    contract = deploy(procs, rpc)
+    ex, boot, url = network(procs, rpc, contract, confirmations=3)
+    assert ask(procs, boot, "in flight").returncode == 0
+    assert ex.popen is not None
+    ex.popen.send_signal(signal.SIGUSR1)
+    ex.wait_for_line(lambda s: s.startswith("settlement sent"), 60)
+    ex.kill()  # mined, but not yet 3 blocks deep
+    restarted, _, _ = start_executor(
+        procs,
+        "exec",
+        boot,
+        url,
+        ["mock-a"],
+        extra=chain_section(rpc, contract, confirmations=3),
+        key=EXECUTOR_KEY,
+    )
+    rpc_call(rpc, "anvil_mine", [3])
+    restarted.wait_for_line(lambda s: s.startswith("settlement confirmed"), 60)
+    assert total_on_chain(rpc, contract) == 2 + 3
+    assert len(chain_usage(rpc, contract)) == 1
+
+
+def test_lost_reply_of_a_mined_transaction(procs: Processes) -> None:
+    _, node = start_anvil(procs)
+    contract = deploy(procs, node)
+    proxy = procs.start(
+        "proxy",
+        [
+            sys.executable,
+            "-m",
+            "tests.support.rpc_proxy",
+            "--upstream",
+            node,
+            "--lose-send-replies",
+            "1",
+        ],
+    )
+    rpc = proxy.wait_for_line(lambda s: s.startswith("ready url=")).removeprefix("ready url=")
+    ex, boot, _ = network(procs, rpc, contract)
+    assert ask(procs, boot, "lost reply").returncode == 0
+    settle_now(ex)
+    proxy.wait_for_line(lambda s: s.startswith("lost reply 1"), 5)
+    assert total_on_chain(node, contract) == 2 + 3
+    assert len(chain_usage(node, contract)) == 1
+
+
+def test_rpc_down_then_back(procs: Processes, tmp_path: Any) -> None:
+    state = tmp_path / "chain.json"
+    anvil, rpc = start_anvil(procs, "anvil", "--state", str(state))
+    port = int(rpc.rsplit(":", 1)[1])
+    contract = deploy(procs, rpc)
+    ex, boot, _ = network(procs, rpc, contract)
+    assert ask(procs, boot, "before").returncode == 0
+    anvil.stop()  # the state is written on exit
+    assert ask(procs, boot, "during outage").returncode == 0  # serving goes on
+    assert ex.popen is not None
+    ex.popen.send_signal(signal.SIGUSR1)
+    start_anvil(procs, "anvil-again", "--state", str(state), port=port)
+    ex.wait_for_line(lambda s: s.startswith("settlement confirmed"), 90)
+    assert total_on_chain(rpc, contract) == (1 + 2) + (2 + 3)
+
+
+def test_reorg_that_drops_a_settlement(procs: Processes) -> None:
+    _, rpc = start_anvil(procs)
+    contract = deploy(procs, rpc)
+    ex, boot, _ = network(procs, rpc, contract, confirmations=2)
+    assert ask(procs, boot, "reorg me").returncode == 0
+    assert ex.popen is not None
+    ex.popen.send_signal(signal.SIGUSR1)
+    ex.wait_for_line(lambda s: s.startswith("settlement sent"), 60)
+    assert total_on_chain(rpc, contract) == 2 + 3  # mined (automine), 1 block deep
+    assert "error" not in rpc_call(rpc, "anvil_reorg", [1, []])
+    assert total_on_chain(rpc, contract) == 0  # the reorg dropped it
+    ex.wait_for_line(lambda s: s.startswith("settlement resent"), 60)
+    rpc_call(rpc, "anvil_mine", [1])
+    ex.wait_for_line(lambda s: s.startswith("settlement confirmed"), 60)
+    assert total_on_chain(rpc, contract) == 2 + 3
+    assert len(chain_usage(rpc, contract)) == 1
