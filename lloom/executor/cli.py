@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import trio
 
 from lloom import __version__
-from lloom.chain.contract import connect
-from lloom.chain.receipts import Domain
 from lloom.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -32,14 +31,15 @@ from lloom.executor.config import ExecutorConfig, load_config
 from lloom.executor.handler import Backend, RequestHandler
 from lloom.executor.receipts import ReceiptBook
 from lloom.executor.server import announce_keys, install, keep_announcing
-from lloom.executor.settle_loop import Trigger, on_sigusr1, settle_forever
-from lloom.executor.settlement import Settler
 from lloom.executor.usage import AsyncUsageStore, UsageStore
 from lloom.identity import Identity
 from lloom.logs import configure_logging
 from lloom.node.node import NodeConfig, open_node, parse_multiaddr_list
 from lloom.roles import announce_ready, ready_line, shutdown_signals, wait_for_signal
 from lloom.tokens import ensure_offline_encodings
+
+if TYPE_CHECKING:  # web3 costs ~10 MB of RSS: imported only with a [chain] section
+    from lloom.executor.settlement import Settler
 
 logger = logging.getLogger("lloom.executor")
 
@@ -102,6 +102,12 @@ async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig
                 async with open_node(identity, node_cfg) as node, trio.open_nursery() as nursery:
                     install(node, handler)
                     if settler is not None and config.chain is not None:
+                        from lloom.executor.settle_loop import (  # noqa: PLC0415
+                            Trigger,
+                            on_sigusr1,
+                            settle_forever,
+                        )
+
                         trigger = Trigger()
                         nursery.start_soon(on_sigusr1, trigger)
                         nursery.start_soon(
@@ -125,6 +131,8 @@ async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig
 
 async def learn_domain(book: ReceiptBook, settler: Settler) -> None:
     """Ask the chain for its id, so receipts can be asked for from the first request."""
+    from lloom.chain.receipts import Domain  # noqa: PLC0415
+
     try:  # bounded by the HTTP provider's timeout
         chain_id = await trio.to_thread.run_sync(lambda: settler.w3.eth.chain_id)
     except Exception as exc:  # RPC down: the settlement loop learns it later
@@ -140,6 +148,9 @@ def chain_parts(
     chain = config.chain
     if chain is None:
         return None, None
+    from lloom.chain.contract import connect  # noqa: PLC0415
+    from lloom.executor.settlement import Settler  # noqa: PLC0415
+
     settler = Settler(
         store,
         identity,
