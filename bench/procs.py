@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def wait_line(proc: subprocess.Popen[str], prefix: str) -> str:
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith(prefix):
+            # Keep reading what it prints later, or a chatty child blocks on a full pipe.
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return line.strip()
     raise RuntimeError(f"{proc.args!r} exited before printing {prefix!r}")
 

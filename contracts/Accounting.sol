@@ -88,6 +88,25 @@ contract Accounting {
         emit UsageRecorded(msg.sender, client, model, tokenCount, block.timestamp);
     }
 
+    /**
+     * @dev Unverified too, but many records in one call (cheaper per record than
+     * recordUsage; still only the executor vouches for the numbers).
+     */
+    function recordUsageBatch(
+        address[] calldata clients,
+        string[] calldata models,
+        uint256[] calldata tokenCounts
+    ) external {
+        require(clients.length == models.length && models.length == tokenCounts.length, "Length mismatch");
+        uint256 total;
+        for (uint256 i = 0; i < clients.length; ++i) {
+            require(tokenCounts[i] > 0, "Token count must be positive");
+            total += tokenCounts[i];
+            emit UsageRecorded(msg.sender, clients[i], models[i], tokenCounts[i], block.timestamp);
+        }
+        totalTokensByExecutor[msg.sender] += total;
+    }
+
     /// @dev The EIP-712 domain separator (recomputed if the chain id changed, e.g. a fork).
     function domainSeparator() public view returns (bytes32) {
         return block.chainid == cachedChainId ? cachedDomainSeparator : _buildDomainSeparator();
