@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -229,3 +230,63 @@ async def test_idle_stream_is_closed_after_keepalive() -> None:
         assert isinstance(llm.decode(await client.read_frame() or b""), llm.End)
         with trio.fail_after(3):
             assert await client.read_frame() is None
+
+
+async def test_receipts_are_checked_kept_and_required(tmp_path: Path) -> None:
+    from lloom.chain.receipts import Domain, Receipt, sign
+    from lloom.executor.receipts import ReceiptBook
+    from lloom.executor.usage import AsyncUsageStore, UsageStore
+    from lloom.identity import Identity
+
+    client = Identity.generate()
+    executor = Identity.generate()
+    domain = Domain(31337, "0x" + "5f" * 20)
+    store = UsageStore(tmp_path / "u.db")
+    book = ReceiptBook(store, executor.address, domain, max_unsigned=1)
+    h = RequestHandler({"m": FakeBackend(["x"])}, AsyncUsageStore(store), Limits(), book)
+
+    async def one(answer: str) -> llm.Message:
+        a, b = trio.testing.memory_stream_pair()
+        server = FramedStream(MemoryNetStream(a), read_timeout=5)  # type: ignore[arg-type]
+        peer = FramedStream(MemoryNetStream(b), read_timeout=5)  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h.handle, server, client.address)
+            await peer.write_frame(chat(False))
+            while True:
+                msg = llm.decode(await peer.read_frame() or b"")
+                if isinstance(msg, llm.End):
+                    asked = msg.receipt
+                    assert asked is not None and asked.executor == executor.address
+                    if answer == "sign":
+                        r = Receipt(
+                            executor.address,
+                            client.address,
+                            "m",
+                            asked.prompt_total,
+                            asked.completion_total,
+                            asked.deadline,
+                        )
+                        sig = sign(client, domain, r).signature
+                        await peer.write_frame(llm.encode(llm.SignedReceipt(msg.request_id, sig)))
+                    elif answer == "forge":
+                        other = Identity.generate()
+                        r = Receipt(executor.address, other.address, "m", 1, 1, asked.deadline)
+                        sig = sign(other, domain, r).signature
+                        await peer.write_frame(llm.encode(llm.SignedReceipt(msg.request_id, sig)))
+                    else:
+                        await peer.write_frame(llm.encode(llm.Refusal(msg.request_id, "no")))
+                if isinstance(msg, llm.End | llm.Error):
+                    await b.send_eof()
+                    nursery.cancel_scope.deadline = trio.current_time() + 5
+                    return msg
+
+    assert isinstance(await one("sign"), llm.End)
+    assert isinstance(await one("forge"), llm.End)  # served; its receipt is refused
+    statuses = [r[0] for r in store.execute("SELECT receipt FROM usage ORDER BY created_at")]
+    assert statuses == ["signed", "refused: bad signature"]
+    assert store.execute("SELECT prompt_total, completion_total FROM receipts") == [(7, 1)]
+    assert isinstance(await one("refuse"), llm.End)  # 2 unsigned now: over the limit of 1
+    blocked = await one("sign")
+    assert isinstance(blocked, llm.Error) and blocked.code is llm.ErrorCode.RECEIPT_REQUIRED
+    assert blocked.status == 402
+    store.close()
