@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from eth_account import Account
-from eth_account.messages import encode_typed_data
 from eth_utils.address import to_checksum_address
 
 from lloom.errors import ProtocolError
@@ -128,6 +126,9 @@ def typed_data(domain: Domain, receipt: Receipt) -> dict[str, Any]:
 
 def sign(identity: Identity, domain: Domain, receipt: Receipt) -> Receipt:
     """``receipt`` signed by ``identity`` (which must be its client); low-s, v in {27, 28}."""
+    from eth_account import Account  # noqa: PLC0415 - 0.3 s to import; only when signing
+    from eth_account.messages import encode_typed_data  # noqa: PLC0415
+
     if to_checksum_address(receipt.client) != identity.address:
         raise ProtocolError("a client can only sign receipts for its own address")
     signable = encode_typed_data(full_message=typed_data(domain, receipt))
@@ -146,6 +147,9 @@ def sign(identity: Identity, domain: Domain, receipt: Receipt) -> Receipt:
 
 def signer_of(domain: Domain, receipt: Receipt) -> str | None:
     """The address that signed ``receipt``, or None for a malformed or high-s signature."""
+    from eth_account import Account  # noqa: PLC0415 - 0.3 s to import; only when checking
+    from eth_account.messages import encode_typed_data  # noqa: PLC0415
+
     try:
         v, r, s = receipt.vrs()
     except ProtocolError:

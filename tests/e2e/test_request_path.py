@@ -160,3 +160,29 @@ def test_sigkill_loses_no_answered_usage(procs: Processes) -> None:
     proc.kill()
     assert len(usage_rows(data_dir)) == 5
     assert time.time() > 0
+
+
+def test_failure_after_tokens_is_reported(procs: Processes) -> None:
+    reply = ["--reply", "one two three four five six seven eight"]
+    _, url = start_mock(procs, "slow-mock", "--chunk-delay-ms", "300", *reply)
+    _, v = start_validator(procs)
+    executor, _, _ = start_executor(procs, "exec", v.listen[0], url, ["mock-a"])
+    proc = procs.start(
+        "streaming-client",
+        [
+            script("lloom-client"),
+            "--private-key",
+            CLIENT_KEY,
+            "--bootstrap-nodes",
+            v.listen[0],
+            "--model",
+            "mock-a",
+            "--prompt",
+            "go",
+        ],
+    )
+    proc.wait_for_output(b"two", timeout=30)
+    executor.kill()
+    assert proc.wait_exit(30) == 6
+    assert b"eight" not in bytes(proc.raw)
+    assert "failed after" in proc.log_path.read_text()
