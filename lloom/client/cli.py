@@ -34,7 +34,7 @@ from lloom.identity import Identity
 from lloom.logs import configure_logging
 from lloom.node.node import NodeConfig, open_node, parse_multiaddr_list
 from lloom.paths import default_data_dir
-from lloom.protocol import llm
+from lloom.protocol import llm, openai_body
 
 logger = logging.getLogger("lloom.client")
 
@@ -95,7 +95,7 @@ def request_from_args(args: argparse.Namespace) -> llm.Request:
         body["temperature"] = args.temperature
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
-    return llm.Request(llm.RequestKind.CHAT, llm.normalize_chat_body(body))
+    return llm.Request(llm.RequestKind.CHAT, openai_body.normalize_chat_body(body))
 
 
 async def ask(identity: Identity, args: argparse.Namespace, request: llm.Request) -> Result:

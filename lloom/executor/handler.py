@@ -33,7 +33,7 @@ from lloom.errors import (
 from lloom.executor.receipts import ReceiptBook
 from lloom.executor.usage import UsageRecord
 from lloom.node.streams import FramedStream
-from lloom.protocol import llm
+from lloom.protocol import llm, openai_body
 from lloom.protocol.llm import ErrorCode, RequestKind
 from lloom.tokens import count_chat_prompt, count_text
 
@@ -220,7 +220,7 @@ class RequestHandler:
         if not isinstance(msg, llm.Request):
             raise _fail(ErrorCode.BAD_REQUEST, "expected a request message")
         try:
-            body = llm.normalize(msg.kind, msg.body)
+            body = openai_body.normalize(msg.kind, msg.body)
         except UsageError as exc:
             raise _fail(ErrorCode.BAD_REQUEST, str(exc)) from None
         return llm.Request(msg.kind, body)

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from lloom.errors import ProtocolError, UsageError
-from lloom.protocol import llm, safejson
+from lloom.protocol import llm, openai_body, safejson
 from lloom.protocol.llm import ErrorCode, RequestKind
 
 
@@ -82,7 +82,7 @@ def test_deep_nesting_is_refused_before_parsing() -> None:
 
 
 def test_simple_prompt_form_becomes_a_message() -> None:
-    body = llm.normalize_chat_body({"model": "m", "prompt": "hi", "seed": 3})
+    body = openai_body.normalize_chat_body({"model": "m", "prompt": "hi", "seed": 3})
     assert body["messages"] == [{"role": "user", "content": "hi"}]
     assert body["seed"] == 3 and "prompt" not in body
 
@@ -110,10 +110,10 @@ def test_simple_prompt_form_becomes_a_message() -> None:
 )
 def test_bad_chat_bodies(body: object, field: str) -> None:
     with pytest.raises(UsageError, match=re.escape(field)):
-        llm.normalize_chat_body(body)
+        openai_body.normalize_chat_body(body)
 
 
 def test_completion_bodies() -> None:
-    assert llm.normalize(RequestKind.COMPLETION, {"model": "m", "prompt": ["a", "b"]})
+    assert openai_body.normalize(RequestKind.COMPLETION, {"model": "m", "prompt": ["a", "b"]})
     with pytest.raises(UsageError, match="'prompt'"):
-        llm.normalize(RequestKind.COMPLETION, {"model": "m", "prompt": 3})
+        openai_body.normalize(RequestKind.COMPLETION, {"model": "m", "prompt": 3})
