@@ -181,7 +181,15 @@ def exit_code_for(exc: LloomError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``lloom-client`` with ``argv``; return the exit code."""
+    """Run ``lloom-client`` with ``argv``; return the exit code.
+
+    ``lloom-client gateway ...`` runs the OpenAI-compatible gateway instead.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gateway"]:
+        from lloom.gateway.cli import main as gateway_main  # noqa: PLC0415 - keeps the CLI light
+
+        return gateway_main(argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:

@@ -11,6 +11,7 @@ import pytest
 from lloom.cli.main import build_parser as lloom_parser
 from lloom.client.cli import build_parser as client_parser
 from lloom.executor.cli import build_parser as executor_parser
+from lloom.gateway.cli import build_parser as gateway_parser
 from lloom.validator.cli import build_parser as validator_parser
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -34,6 +35,7 @@ def flags(parser: argparse.ArgumentParser) -> set[str]:
         (lloom_parser(), "cli.md"),
         (executor_parser(), "executor.md"),
         (client_parser(), "client.md"),
+        (gateway_parser(), "gateway.md"),
     ],
 )
 def test_every_flag_is_documented(parser: argparse.ArgumentParser, doc: str) -> None:

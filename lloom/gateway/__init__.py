@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway: any app using the ``openai`` SDK, served by lloom."""

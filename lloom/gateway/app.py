@@ -1,0 +1,274 @@
+"""The gateway's HTTP API (Starlette on hypercorn's trio worker), OpenAI-compatible.
+
+``POST /v1/chat/completions`` and ``POST /v1/completions`` (streamed as Server-Sent Events
+ending in ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
+(Prometheus) and ``GET /openapi.json``. Errors use OpenAI's error JSON with the right status:
+400 malformed, 404 model not served, 413 too large, 503 no executor reachable, 504 timeout.
+A streamed request fails over between executors until its first chunk; only then are the
+response headers sent, so a failure before any token is still a proper HTTP error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lloom.client.session import Result
+from lloom.errors import LloomError, ProtocolError, UsageError
+from lloom.gateway.core import Gateway
+from lloom.gateway.errors import ApiError, api_error, bad_request
+from lloom.gateway.metrics import Metrics
+from lloom.protocol import llm, openai_body
+from lloom.protocol.safejson import safe_loads
+
+logger = logging.getLogger(__name__)
+
+#: Largest request body accepted (413 above).
+MAX_BODY_BYTES = 1_048_576
+
+
+def _operation(summary: str, body: bool = False) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "200": {"description": "OK (JSON, or text/event-stream when stream is true)"},
+            **{
+                code: {"description": text, "content": {"application/json": {}}}
+                for code, text in _ERRORS.items()
+            },
+        },
+    }
+    if body:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    return op
+
+
+_ERRORS = {
+    "400": "malformed request",
+    "404": "model not served by any executor",
+    "413": "request too large",
+    "503": "no executor reachable",
+    "504": "timeout",
+}
+
+
+def _get(summary: str) -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
+
+
+#: The gateway's OpenAPI document (request bodies are OpenAI's, passed through).
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "lloom gateway", "version": "1", "description": "OpenAI-compatible API"},
+    "paths": {
+        "/v1/chat/completions": {"post": _operation("Create a chat completion", body=True)},
+        "/v1/completions": {"post": _operation("Create a text completion", body=True)},
+        "/v1/models": _get("Models served, with executor counts"),
+        "/health": _get("Liveness"),
+        "/metrics": _get("Prometheus metrics"),
+    },
+}
+
+
+def _error(err: ApiError, metrics: Metrics) -> JSONResponse:
+    metrics.errors.labels(err.code or err.type).inc()
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def _read_body(request: Request) -> dict[str, Any]:
+    size = int(request.headers.get("content-length") or 0)
+    if size > MAX_BODY_BYTES:
+        raise _TooLarge()
+    data = b""
+    async for part in request.stream():
+        data += part
+        if len(data) > MAX_BODY_BYTES:
+            raise _TooLarge()
+    body = safe_loads(data, "request body")
+    if not isinstance(body, dict):
+        raise UsageError("request body must be a JSON object")
+    return body
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class GatewayApp:
+    """The HTTP endpoints, bound to one :class:`Gateway`."""
+
+    def __init__(self, gateway: Gateway, metrics: Metrics | None = None) -> None:
+        self.gateway = gateway
+        self.m = metrics or Metrics()
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/completions", self.legacy, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.prometheus, methods=["GET"]),
+                Route("/openapi.json", self.openapi, methods=["GET"], include_in_schema=False),
+            ]
+        )
+
+    async def chat(self, request: Request) -> Response:
+        """
+        summary: Create a chat completion (OpenAI-compatible), streamed or whole.
+        """
+        return await self._completions(request, llm.RequestKind.CHAT, "chat")
+
+    async def legacy(self, request: Request) -> Response:
+        """
+        summary: Create a text completion (OpenAI-compatible), streamed or whole.
+        """
+        return await self._completions(request, llm.RequestKind.COMPLETION, "completions")
+
+    async def models(self, _: Request) -> Response:
+        """
+        summary: Models served on the network, with how many executors serve each.
+        """
+        self.m.requests.labels("models").inc()
+        data = [
+            {"id": model, "object": "model", "owned_by": "lloom", "executors": count}
+            for model, count in sorted(self.gateway.models().items())
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(self, _: Request) -> Response:
+        """
+        summary: Liveness, connected peers and executors known.
+        """
+        return JSONResponse(
+            {
+                "status": "ok",
+                "peer_id": str(self.gateway.node.peer_id),
+                "connected_peers": len(self.gateway.node.host.get_connected_peers()),
+                "executors_known": len(self.gateway.loads.current()),
+            }
+        )
+
+    async def prometheus(self, _: Request) -> Response:
+        """
+        summary: Prometheus metrics.
+        """
+        self.m.executors.set(len(self.gateway.loads.current()))
+        return Response(generate_latest(self.m.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(self, _: Request) -> Response:
+        """The OpenAPI schema of these endpoints."""
+        return JSONResponse(OPENAPI)
+
+    async def _completions(
+        self, request: Request, kind: llm.RequestKind, endpoint: str
+    ) -> Response:
+        self.m.requests.labels(endpoint).inc()
+        started = time.perf_counter()
+        try:
+            body = openai_body.normalize(kind, await _read_body(request))
+        except _TooLarge:
+            return _error(ApiError(413, "request body too large", "invalid_request_error"), self.m)
+        except (UsageError, ProtocolError) as exc:
+            return _error(bad_request(str(exc)), self.m)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        body.pop("stream_options", None)
+        req = llm.Request(kind, body)
+        if req.stream:
+            return await self._stream(req, include_usage, endpoint, started)
+        try:
+            result = await self.gateway.run(req)
+        except LloomError as exc:
+            return _error(api_error(exc), self.m)
+        self.m.latency.labels(endpoint).observe(time.perf_counter() - started)
+        data = dict(result.response or {})
+        data["usage"] = result.end.usage.to_json()
+        return JSONResponse(data)
+
+    async def _stream(
+        self, req: llm.Request, include_usage: bool, endpoint: str, started: float
+    ) -> Response:
+        send, receive = trio.open_memory_channel[Item](math.inf)
+
+        async def produce() -> None:
+            async with send:
+
+                async def on_chunk(chunk: dict[str, Any]) -> None:
+                    await send.send(chunk)
+
+                try:
+                    await send.send(await self.gateway.run(req, on_chunk))
+                except LloomError as exc:
+                    await send.send(exc)
+                except trio.BrokenResourceError:
+                    pass  # the HTTP client went away
+
+        if self.gateway.nursery is None:
+            raise RuntimeError("the gateway's nursery is not set")
+        self.gateway.nursery.start_soon(produce)
+        first = await receive.receive()
+        if isinstance(first, LloomError):
+            await receive.aclose()
+            return _error(api_error(first), self.m)
+        self.m.ttft.labels(endpoint).observe(time.perf_counter() - started)
+        return EventSourceResponse(
+            self._events(first, receive, include_usage, endpoint, started), ping=15
+        )
+
+    async def _events(
+        self,
+        first: Item,
+        receive: trio.MemoryReceiveChannel[Item],
+        include_usage: bool,
+        endpoint: str,
+        started: float,
+    ) -> AsyncIterator[dict[str, str]]:
+        item = first
+        async with receive:
+            while True:
+                if isinstance(item, dict):
+                    yield {"data": json.dumps(item)}
+                elif isinstance(item, Result):
+                    self.m.latency.labels(endpoint).observe(time.perf_counter() - started)
+                    if include_usage:
+                        yield {"data": json.dumps(_usage_chunk(item))}
+                    break
+                else:  # an executor failed after tokens were sent: say so in the stream
+                    self.m.errors.labels("partial_response").inc()
+                    yield {"data": json.dumps(api_error(item).body())}
+                    break
+                item = await receive.receive()
+        yield {"data": "[DONE]"}
+
+
+Item = dict[str, Any] | Result | LloomError
+
+
+def build_app(gateway: Gateway, metrics: Metrics | None = None) -> Starlette:
+    """The ASGI app of ``gateway``."""
+    return GatewayApp(gateway, metrics).app
+
+
+def _usage_chunk(result: Result) -> dict[str, Any]:
+    """OpenAI's final usage-only stream chunk."""
+    return {
+        "id": f"chatcmpl-{result.end.request_id}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": result.end.model,
+        "choices": [],
+        "usage": result.end.usage.to_json(),
+    }
