@@ -32,6 +32,7 @@ from lloom.executor.handler import Backend, RequestHandler
 from lloom.executor.receipts import ReceiptBook
 from lloom.executor.server import announce_keys, install, keep_announcing
 from lloom.executor.usage import AsyncUsageStore, UsageStore
+from lloom.httpserver import start_http
 from lloom.identity import Identity
 from lloom.logs import configure_logging
 from lloom.node.node import NodeConfig, open_node, parse_multiaddr_list
@@ -119,9 +120,14 @@ async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig
                     if confirmed == 0:
                         raise NetworkError("no validator accepted the executor's announcements")
                     nursery.start_soon(keep_announcing, node, handler)
-                    announce_ready(
-                        ready_line(node, "executor", (("models", ",".join(handler.models)),))
-                    )
+                    extra = [("models", ",".join(handler.models))]
+                    if config.node.metrics_listen is not None:
+                        host, _, port = config.node.metrics_listen.rpartition(":")
+                        bound = await start_http(
+                            nursery, handler.metrics.app(), host.strip("[]"), int(port)
+                        )
+                        extra.append(("metrics", bound))
+                    announce_ready(ready_line(node, "executor", tuple(extra)))
                     logger.info("executor %s serving %s", node.peer_id, ", ".join(handler.models))
                     await wait_for_signal(signals)
                     nursery.cancel_scope.cancel()

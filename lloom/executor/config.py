@@ -33,6 +33,8 @@ class NodeSection:
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4002",)
     announce: tuple[str, ...] = ()
     data_dir: Path = field(default_factory=lambda: default_data_dir() / "executor")
+    #: ``host:port`` of a local HTTP endpoint serving Prometheus ``/metrics`` (off if None).
+    metrics_listen: str | None = None
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,10 @@ def _node(source: str, table: object) -> NodeSection:
         listen=_strings(r, "listen", default.listen),
         announce=_strings(r, "announce", ()),
         data_dir=Path(data_dir).expanduser() if data_dir else default.data_dir,
+        metrics_listen=r.get("metrics_listen", str, None),
     )
+    if node.metrics_listen is not None and not re.fullmatch(r".+:\d{1,5}", node.metrics_listen):
+        raise r.error("must be HOST:PORT", "metrics_listen")
     r.finish()
     return node
 

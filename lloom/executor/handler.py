@@ -30,6 +30,7 @@ from lloom.errors import (
     ProtocolError,
     UsageError,
 )
+from lloom.executor.metrics import ExecutorMetrics
 from lloom.executor.receipts import ReceiptBook
 from lloom.executor.usage import UsageRecord
 from lloom.node.streams import FramedStream
@@ -113,7 +114,9 @@ class RequestHandler:
         usage: UsageSink,
         limits: Limits,
         receipts: ReceiptBook | None = None,
+        metrics: ExecutorMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or ExecutorMetrics()
         self.backends = dict(backends)
         self.usage = usage
         self.limits = limits
@@ -185,10 +188,12 @@ class RequestHandler:
                 "too many of your requests are unsigned; sign receipts to be served",
             )
         self.active += 1
+        self.metrics.active.inc()
         try:
             record, asked = await self._serve(framed, request, backend, client_address)
         finally:
             self.active -= 1
+            self.metrics.active.dec()
             self._slots.release()
         if asked is None or self.receipts is None:
             return None
@@ -262,6 +267,10 @@ class RequestHandler:
         )
         totals = await self.usage.record(record)
         self.served += 1
+        self.metrics.requests.labels(request.model).inc()
+        self.metrics.tokens.labels(request.model, "prompt").inc(usage.prompt_tokens)
+        self.metrics.tokens.labels(request.model, "completion").inc(usage.completion_tokens)
+        self.metrics.latency.labels(request.model).observe(time.time() - started)
         asked = self.receipts.request_for(totals) if self.receipts is not None else None
         await framed.write_frame(
             llm.encode(llm.End(record.request_id, request.model, usage, source, asked))
@@ -310,6 +319,7 @@ class RequestHandler:
     async def _send_error(self, framed: FramedStream, error: llm.Error) -> bool:
         """Send an error frame; False if the client is gone."""
         logger.info("request failed: %s: %s", error.code.value, error.message)
+        self.metrics.errors.labels(error.code.value).inc()
         try:
             await framed.write_frame(llm.encode(error))
         except NetworkError:

@@ -186,3 +186,21 @@ def test_failure_after_tokens_is_reported(procs: Processes) -> None:
     assert proc.wait_exit(30) == 6
     assert b"eight" not in bytes(proc.raw)
     assert "failed after" in proc.log_path.read_text()
+
+
+def test_executor_metrics_endpoint(procs: Processes) -> None:
+    import httpx
+
+    _, url = start_mock(procs)
+    _, v = start_validator(procs)
+    _, ready, _ = start_executor(
+        procs, "exec", v.listen[0], url, ["mock-a"], node_extra='metrics_listen = "127.0.0.1:0"'
+    )
+    metrics_at = ready.get("metrics")
+    assert metrics_at
+    assert client(procs, v.listen[0], "mock-a", "count me").returncode == 0
+    assert client(procs, v.listen[0], "nope", "x").returncode == 3
+    text = httpx.get(f"http://{metrics_at}/metrics").text
+    assert 'lloom_executor_requests_total{model="mock-a"} 1.0' in text
+    assert 'lloom_executor_tokens_total{kind="completion",model="mock-a"} 3.0' in text
+    assert "lloom_executor_active_requests 0.0" in text

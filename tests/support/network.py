@@ -22,6 +22,7 @@ def write_config(
     models: list[str],
     data_dir: Path,
     extra: str = "",
+    node_extra: str = "",
 ) -> Path:
     """An executor config with one backend."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,6 +32,7 @@ def write_config(
 [node]
 listen = ["/ip4/127.0.0.1/tcp/0"]
 data_dir = "{data_dir}"
+{node_extra}
 
 [[backends]]
 name = "mock"
@@ -52,10 +54,13 @@ def start_executor(
     models: list[str],
     extra: str = "",
     key: str | None = None,
+    node_extra: str = "",
 ) -> tuple[Proc, ReadyLine, Path]:
     """Start an executor; return it, its ready line and its data dir."""
     data_dir = procs.root / name / "state"
-    config = write_config(procs.root / name / "config.toml", backend_url, models, data_dir, extra)
+    config = write_config(
+        procs.root / name / "config.toml", backend_url, models, data_dir, extra, node_extra
+    )
     argv = [script("lloom-executor"), "--bootstrap-nodes", bootstrap, "--config", str(config)]
     if key:
         argv += ["--private-key", key]
