@@ -115,3 +115,21 @@ def wait_http(url: str, timeout: float = 120.0) -> None:
             pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} not ready within {timeout} s")
+
+
+def gateway(tmp: Path, boot: str) -> tuple[subprocess.Popen[str], str]:
+    """The OpenAI-compatible gateway; returns its /v1 URL."""
+    proc = start(
+        [
+            str(BIN / "lloom-client"),
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--bootstrap-nodes",
+            boot,
+        ],
+        env(tmp / "gateway"),
+        tmp / "gateway.log",
+    )
+    ready = ReadyLine.parse(wait_line(proc, "ready "))
+    return proc, f"http://{ready.get('http')}/v1"

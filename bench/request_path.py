@@ -194,7 +194,9 @@ def start_litellm(tmp: Path, backend: str) -> tuple[subprocess.Popen[str] | None
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
-async def measure(boot: str, target: Any, backend: str, litellm: str | None) -> dict[str, Any]:
+async def measure(
+    boot: str, target: Any, backend: str, litellm: str | None, gateway: str
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     async with open_node(Identity.generate(), NodeConfig(bootstrap=[Multiaddr(boot)])) as node:
         await node.connect(target)
@@ -213,7 +215,9 @@ async def measure(boot: str, target: Any, backend: str, litellm: str | None) -> 
             if litellm:
                 calls["litellm"] = http_call(client, litellm, auth)
                 ttfts["litellm"] = http_ttft(client, litellm, auth)
-            results["latency"] = await interleaved(calls, LATENCY_N)
+            latency_calls = calls | {"gateway": http_call(client, gateway, {})}
+            ttfts["gateway"] = http_ttft(client, gateway, {})
+            results["latency"] = await interleaved(latency_calls, LATENCY_N)
             results["ttft"] = await interleaved(ttfts, TTFT_N)
             rps: dict[str, dict[int, float]] = {}
             for name, call in calls.items():
@@ -223,6 +227,9 @@ async def measure(boot: str, target: Any, backend: str, litellm: str | None) -> 
             results["rps"] = rps
     results["discovery"] = await discovery(boot, DISCOVERY_N)
     return results
+
+
+TARGETS = {"lloom": "≤ 2 ms p50, ≤ 3 ms TTFT", "gateway": "below LiteLLM"}
 
 
 def added(samples: dict[str, list[float]], name: str, q: int) -> float:
@@ -245,15 +252,16 @@ def main() -> None:
             tmp, v.listen[0], backend, ["mock-a"], "[limits]\nmax_concurrent_requests = 256\n"
         )
         lite_proc, lite = start_litellm(tmp, backend)
+        g_proc, gateway_url = procs.gateway(tmp, v.listen[0])
         litellm = lite if lite_proc is not None else None
         try:
             time.sleep(2)  # let the executor settle before measuring its idle memory
             idle_rss = procs.rss_mb(e_proc.pid)
             target = info_from_p2p_addr(Multiaddr(ex.listen[0]))
-            results = trio.run(measure, v.listen[0], target, backend, litellm)
+            results = trio.run(measure, v.listen[0], target, backend, litellm, gateway_url)
             cli = cold_cli(v.listen[0], tmp, COLD_CLI_N)
         finally:
-            procs.stop(*(p for p in (e_proc, m_proc, v_proc, lite_proc) if p is not None))
+            procs.stop(*(p for p in (g_proc, e_proc, m_proc, v_proc, lite_proc) if p is not None))
     body = render(results, cli, idle_rss, litellm is not None, lite)
     write_section("Request path", body)
     print(body)
@@ -272,7 +280,7 @@ def render(r: dict[str, Any], cli: list[float], rss: float, has_lite: bool, lite
     for name in [n for n in lat if n != "direct"]:
         lines.append(
             f"| {name} | {added(lat, name, 50):.2f} | {added(lat, name, 90):.2f} "
-            f"| {added(ttft, name, 50):.2f} | lloom: ≤ 2 ms p50, ≤ 3 ms TTFT |"
+            f"| {added(ttft, name, 50):.2f} | {TARGETS.get(name, '')} |"
         )
     rps_rows = ["| concurrency | " + " | ".join(rps) + " |", "|---" * (len(rps) + 1) + "|"]
     for conc in THROUGHPUT_REQUESTS:
@@ -282,8 +290,9 @@ def render(r: dict[str, Any], cli: list[float], rss: float, has_lite: bool, lite
 Same mock backend (no delay) for every path, one run, requests interleaved path by path.
 lloom = client library in the benchmark process -> executor process -> backend, on a warm
 connection, reusing idle request streams as the gateway does. LiteLLM = its proxy
-(1 worker) in front of the same backend. The benchmark process, executor, backend and
-proxy share the machine's 2 cores.
+(1 worker) in front of the same backend. gateway = an HTTP client -> `lloom-client
+gateway` -> executor -> backend (two hops: the HTTP one and the libp2p one). The
+benchmark process, executor, backend, gateway and proxy share the machine's 2 cores.
 {lite_line}
 {STATS_HEADER}
 {chr(10).join(rows)}
