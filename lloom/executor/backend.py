@@ -9,8 +9,8 @@ consumer stops early. httpx failures become :mod:`lloom.errors` backend errors.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Mapping
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Iterator, Mapping
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,18 +77,24 @@ class OpenAIBackend:
             data["model"] = network_model
         return data
 
-    async def _post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """httpx transport failures as lloom backend errors (local vs remote kept)."""
         try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(f"backend {self.spec.name} timed out: {exc!r}") from None
+        except httpx.TransportError as exc:
+            raise BackendUnreachable(f"backend {self.spec.name} unreachable: {exc!r}") from None
+
+    async def _post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        with self._translated():
             response = await self.client.post(
                 self.base + path,
                 json=self._outgoing(body, stream=False),
                 headers=self.headers,
                 timeout=self.timeout,
             )
-        except httpx.TimeoutException as exc:
-            raise BackendTimeout(f"backend {self.spec.name} timed out: {exc!r}") from None
-        except httpx.TransportError as exc:
-            raise BackendUnreachable(f"backend {self.spec.name} unreachable: {exc!r}") from None
         if response.status_code >= 400:
             raise BackendHTTPError(response.status_code, _error_message(response))
         try:
@@ -104,35 +110,40 @@ class OpenAIBackend:
     ) -> AsyncGenerator[dict[str, Any], None]:
         network_model = str(body["model"])
         try:
-            async with aconnect_sse(
-                self.client,
-                "POST",
-                self.base + path,
-                json=self._outgoing(body, stream=True),
-                headers=self.headers,
-                timeout=self.timeout,
-            ) as source:
-                response = source.response
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise BackendHTTPError(response.status_code, _error_message(response))
-                done = False
-                async with aclosing(source.aiter_sse()) as events:
-                    async for event in events:
-                        # Read on after [DONE] to the end of the body, so the connection
-                        # goes back to the pool cleanly.
-                        if done or not event.data:
-                            continue
-                        if event.data.strip() == "[DONE]":
-                            done = True
-                            continue
-                        yield self._incoming(self._event(event.data), network_model)
-        except httpx.TimeoutException as exc:
-            raise BackendTimeout(f"backend {self.spec.name} timed out: {exc!r}") from None
-        except httpx.TransportError as exc:
-            raise BackendUnreachable(f"backend {self.spec.name} unreachable: {exc!r}") from None
+            with self._translated():
+                async with aclosing(self._events(path, body)) as events:
+                    async for data in events:
+                        yield self._incoming(data, network_model)
         except SSEError as exc:
             raise BackendError(f"backend {self.spec.name} did not stream SSE: {exc}") from None
+
+    async def _events(
+        self, path: str, body: Mapping[str, Any]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The JSON objects of a backend's SSE stream, up to ``[DONE]``."""
+        async with aconnect_sse(
+            self.client,
+            "POST",
+            self.base + path,
+            json=self._outgoing(body, stream=True),
+            headers=self.headers,
+            timeout=self.timeout,
+        ) as source:
+            response = source.response
+            if response.status_code >= 400:
+                await response.aread()
+                raise BackendHTTPError(response.status_code, _error_message(response))
+            done = False
+            async with aclosing(source.aiter_sse()) as events:
+                async for event in events:
+                    # Read on after [DONE] to the end of the body, so the connection goes
+                    # back to the pool cleanly.
+                    if done or not event.data:
+                        continue
+                    if event.data.strip() == "[DONE]":
+                        done = True
+                        continue
+                    yield self._event(event.data)
 
     def _event(self, text: str) -> dict[str, Any]:
         try:
@@ -163,14 +174,10 @@ class OpenAIBackend:
 
     async def list_models(self) -> list[str]:
         """Model ids the backend itself reports (``GET /models``)."""
-        try:
+        with self._translated():
             response = await self.client.get(
                 self.base + "/models", headers=self.headers, timeout=self.timeout
             )
-        except httpx.TimeoutException as exc:
-            raise BackendTimeout(f"backend {self.spec.name} timed out: {exc!r}") from None
-        except httpx.TransportError as exc:
-            raise BackendUnreachable(f"backend {self.spec.name} unreachable: {exc!r}") from None
         if response.status_code >= 400:
             raise BackendHTTPError(response.status_code, _error_message(response))
         data = response.json()
