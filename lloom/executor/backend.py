@@ -2,8 +2,24 @@
 
 The executor knows models by their *network* id; each backend maps them to its own ids.
 Requests are rewritten on the way in and responses on the way out, so clients only ever
-see network ids. Streams are read with httpx-sse and always closed, also when the
-consumer stops early. httpx failures become :mod:`lloom.errors` backend errors.
+see network ids.
+
+Streams are async generators read with httpx-sse. Always close one you stop reading
+early, best with :func:`contextlib.aclosing`::
+
+    async with aclosing(backend.chat_stream(body)) as chunks:
+        async for chunk in chunks:
+            ...
+
+Closing the generator closes the HTTP response, which tells the backend to stop
+generating. Failures become :mod:`lloom.errors` backend errors:
+
+========================================  ======================
+httpx timeout (connect, or between reads)  BackendTimeout
+other transport failure (refused, reset)   BackendUnreachable
+HTTP status >= 400                         BackendHTTPError
+not JSON / not SSE / error event in SSE    BackendError (or BackendHTTPError)
+========================================  ======================
 """
 
 from __future__ import annotations
@@ -19,82 +35,108 @@ from httpx_sse import SSEError, aconnect_sse
 
 from lloom.errors import BackendError, BackendHTTPError, BackendTimeout, BackendUnreachable
 
+#: Longest error text kept from a backend's answer.
+MAX_MESSAGE = 500
+#: The SSE data that ends an OpenAI stream.
+DONE = "[DONE]"
+
 
 @dataclass(frozen=True, slots=True)
 class BackendSpec:
-    """One backend: where it is, its key, and which network models it serves."""
+    """One backend: where it is, its key, and which network models it serves.
+
+    ``base_url`` is an OpenAI-compatible ``/v1`` root such as ``http://127.0.0.1:8080/v1``.
+    ``api_key`` is sent as ``Authorization: Bearer …`` and never appears in ``repr``.
+    ``models`` maps network model ids to the backend's own ids. ``timeout`` (seconds)
+    bounds connecting and each wait for the next piece of the answer.
+    """
 
     name: str
     base_url: str
     api_key: str | None = field(default=None, repr=False)
-    #: network model id -> backend model id
     models: Mapping[str, str] = field(default_factory=dict)
     timeout: float = 120.0
 
 
-def _error_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:500] or response.reason_phrase
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])
-    if isinstance(error, str):
-        return error
-    return json.dumps(body)[:500]
-
-
 class OpenAIBackend:
-    """An OpenAI-compatible HTTP backend."""
+    """An OpenAI-compatible HTTP backend, called through a shared ``httpx.AsyncClient``."""
 
     def __init__(self, spec: BackendSpec, client: httpx.AsyncClient) -> None:
         self.spec = spec
         self.client = client
-        self.base = spec.base_url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
-        self.timeout = httpx.Timeout(spec.timeout, connect=min(10.0, spec.timeout))
+        self._base = spec.base_url.rstrip("/")
+        self._timeout = httpx.Timeout(spec.timeout)
 
     def serves(self, model: str) -> bool:
         """Whether this backend serves network model ``model``."""
         return model in self.spec.models
 
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A complete chat completion (``POST {base}/chat/completions``, not streamed)."""
+        return await self._post("/chat/completions", body)
+
+    def chat_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Chat completion chunks, up to ``[DONE]``, with a usage chunk requested.
+
+        An async generator: close it (``aclose``/``aclosing``) to abort the request.
+        """
+        return self._stream("/chat/completions", body)
+
+    async def completions(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A complete legacy completion (``POST {base}/completions``, not streamed)."""
+        return await self._post("/completions", body)
+
+    def completions_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Legacy completion chunks; an async generator like :meth:`chat_stream`."""
+        return self._stream("/completions", body)
+
+    async def list_models(self) -> list[str]:
+        """The model ids the backend itself reports (``GET {base}/models``)."""
+        with self._translated():
+            response = await self.client.get(
+                self._base + "/models", headers=self._headers(), timeout=self._timeout
+            )
+        listing = self._json_object(response).get("data")
+        if not isinstance(listing, list):
+            raise BackendError(f"backend {self.spec.name} listed models without a 'data' list")
+        return [str(m["id"]) for m in listing if isinstance(m, dict) and "id" in m]
+
+    def _headers(self) -> dict[str, str]:
+        # A fresh dict per request: httpx-sse adds its own headers to the one it is given.
+        return {"Authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
+
     def _outgoing(self, body: Mapping[str, Any], stream: bool) -> dict[str, Any]:
+        """The body to send: backend model id, ``stream`` set, usage asked for streams."""
         out = dict(body)
         out["model"] = self.spec.models.get(str(body["model"]), str(body["model"]))
         out["stream"] = stream
         if stream:
-            options = dict(out.get("stream_options") or {})
-            options["include_usage"] = True
-            out["stream_options"] = options
+            given = out.get("stream_options")
+            out["stream_options"] = {
+                **(given if isinstance(given, Mapping) else {}),
+                "include_usage": True,
+            }
         else:
             out.pop("stream_options", None)
         return out
 
-    @staticmethod
-    def _incoming(data: dict[str, Any], network_model: str) -> dict[str, Any]:
-        if "model" in data:
-            data["model"] = network_model
-        return data
-
     @contextmanager
     def _translated(self) -> Iterator[None]:
-        """httpx transport failures as lloom backend errors (local vs remote kept)."""
+        """httpx failures as lloom backend errors."""
+        name = self.spec.name
         try:
             yield
+        except SSEError as exc:  # an httpx.TransportError, but the backend did answer
+            raise BackendError(f"backend {name} did not stream SSE: {exc}") from None
         except httpx.TimeoutException as exc:
-            raise BackendTimeout(f"backend {self.spec.name} timed out: {exc!r}") from None
+            raise BackendTimeout(f"backend {name} timed out: {exc!r}") from None
         except httpx.TransportError as exc:
-            raise BackendUnreachable(f"backend {self.spec.name} unreachable: {exc!r}") from None
+            raise BackendUnreachable(f"backend {name} unreachable: {exc!r}") from None
+        except httpx.HTTPError as exc:  # undecodable body, redirect loop
+            raise BackendError(f"backend {name} failed: {exc!r}") from None
 
-    async def _post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        with self._translated():
-            response = await self.client.post(
-                self.base + path,
-                json=self._outgoing(body, stream=False),
-                headers=self.headers,
-                timeout=self.timeout,
-            )
+    def _json_object(self, response: httpx.Response) -> dict[str, Any]:
+        """A read response's JSON object; HTTP errors and non-objects raise."""
         if response.status_code >= 400:
             raise BackendHTTPError(response.status_code, _error_message(response))
         try:
@@ -102,20 +144,30 @@ class OpenAIBackend:
         except ValueError:
             raise BackendError(f"backend {self.spec.name} answered non-JSON") from None
         if not isinstance(data, dict):
-            raise BackendError(f"backend {self.spec.name} answered a non-object")
-        return self._incoming(data, str(body["model"]))
+            raise BackendError(f"backend {self.spec.name} answered JSON that is not an object")
+        return data
+
+    async def _post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        with self._translated():
+            response = await self.client.post(
+                self._base + path,
+                json=self._outgoing(body, stream=False),
+                headers=self._headers(),
+                timeout=self._timeout,
+            )
+        data = self._json_object(response)
+        data["model"] = str(body["model"])
+        return data
 
     async def _stream(
         self, path: str, body: Mapping[str, Any]
     ) -> AsyncGenerator[dict[str, Any], None]:
         network_model = str(body["model"])
-        try:
-            with self._translated():
-                async with aclosing(self._events(path, body)) as events:
-                    async for data in events:
-                        yield self._incoming(data, network_model)
-        except SSEError as exc:
-            raise BackendError(f"backend {self.spec.name} did not stream SSE: {exc}") from None
+        with self._translated():
+            async with aclosing(self._events(path, body)) as events:
+                async for data in events:
+                    data["model"] = network_model
+                    yield data
 
     async def _events(
         self, path: str, body: Mapping[str, Any]
@@ -124,10 +176,10 @@ class OpenAIBackend:
         async with aconnect_sse(
             self.client,
             "POST",
-            self.base + path,
+            self._base + path,
             json=self._outgoing(body, stream=True),
-            headers=self.headers,
-            timeout=self.timeout,
+            headers=self._headers(),
+            timeout=self._timeout,
         ) as source:
             response = source.response
             if response.status_code >= 400:
@@ -140,45 +192,42 @@ class OpenAIBackend:
                     # back to the pool cleanly.
                     if done or not event.data:
                         continue
-                    if event.data.strip() == "[DONE]":
+                    if event.data.strip() == DONE:
                         done = True
                         continue
                     yield self._event(event.data)
 
     def _event(self, text: str) -> dict[str, Any]:
+        """One SSE ``data:`` payload as a chunk object; error events raise."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            raise BackendError(f"backend {self.spec.name} sent a malformed stream event") from None
+            raise BackendError(
+                f"backend {self.spec.name} sent a malformed stream event: {text[:80]!r}"
+            ) from None
         if not isinstance(data, dict):
-            raise BackendError(f"backend {self.spec.name} sent a non-object event")
+            raise BackendError(f"backend {self.spec.name} sent a non-object stream event")
         if "error" in data and "choices" not in data:
-            raise BackendHTTPError(502, str(data["error"])[:500])
+            # vLLM and OpenAI report failures after the headers as an error event.
+            message = _openai_error(data) or json.dumps(data)[:MAX_MESSAGE]
+            raise BackendHTTPError(502, message)
         return data
 
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        """A complete chat completion."""
-        return await self._post("/chat/completions", body)
 
-    def chat_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        """Chat completion chunks (usage requested); close it to abort the request."""
-        return self._stream("/chat/completions", body)
+def _openai_error(body: object) -> str | None:
+    """``error.message`` of an OpenAI error object (or a bare ``error`` string)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    if isinstance(error, str):
+        return error
+    return None
 
-    async def completions(self, body: dict[str, Any]) -> dict[str, Any]:
-        """A complete legacy completion."""
-        return await self._post("/completions", body)
 
-    def completions_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        """Legacy completion chunks."""
-        return self._stream("/completions", body)
-
-    async def list_models(self) -> list[str]:
-        """Model ids the backend itself reports (``GET /models``)."""
-        with self._translated():
-            response = await self.client.get(
-                self.base + "/models", headers=self.headers, timeout=self.timeout
-            )
-        if response.status_code >= 400:
-            raise BackendHTTPError(response.status_code, _error_message(response))
-        data = response.json()
-        return [str(m.get("id")) for m in data.get("data", []) if isinstance(m, dict)]
+def _error_message(response: httpx.Response) -> str:
+    """What went wrong, from a read HTTP error response."""
+    try:
+        message = _openai_error(response.json())
+    except ValueError:
+        message = None
+    return message or response.text[:MAX_MESSAGE] or response.reason_phrase

@@ -1,0 +1,1 @@
+"""The executor role: serve LLM requests from peers with OpenAI-compatible backends."""
