@@ -17,6 +17,8 @@
     │   ├── BackendTimeout
     │   └── BackendHTTPError  the backend answered with an HTTP error (status kept)
     ├── RemoteError           a peer answered a request with an error frame (code kept)
+    ├── ChainError            a transaction or chain query failed (lloom.chain.tx)
+    ├── DevnetError           ``lloom devnet`` could not start or keep its local network
     └── ClientError           a client could not get an answer
         ├── NoExecutorError       nobody serves the model
         ├── AllExecutorsFailed    every executor tried failed before the first token
@@ -100,6 +102,10 @@ class RemoteError(LloomError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class DevnetError(LloomError):
+    """``lloom devnet`` could not start, reuse or keep running its local network."""
 
 
 class ClientError(LloomError):

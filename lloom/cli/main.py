@@ -1,17 +1,18 @@
-"""The umbrella ``lloom`` command: identity tools (and, later, devnet, chain, usage)."""
+"""The umbrella ``lloom`` command: identity, dht, chain, usage and devnet."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from lloom import __version__
-from lloom.cli import chain, dht
+from lloom.cli import chain, devnet, dht
 from lloom.cli.common import (
+    EXIT_INTERRUPTED,
     EXIT_OK,
     add_identity_args,
     identity_from_args,
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--json", dest="new_json", action="store_true", help="print JSON")
     dht.add_parsers(sub)
     chain.add_parsers(sub)
+    devnet.add_parsers(sub)
     return parser
 
 
@@ -87,20 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``lloom`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "verbose", 0))
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "identity": _identity,
+        "chain": chain.run_deploy,
+        "usage": chain.run_usage,
+        "devnet": devnet.run,
+        "dht": _dht,
+    }
     try:
-        if args.command == "identity":
-            return _identity(args)
-        if args.command == "chain":
-            return chain.run_deploy(args)
-        if args.command == "usage":
-            return chain.run_usage(args)
-        if args.command == "dht":
-            command = dht.find_providers if args.dht_command == "providers" else dht.provide
-            return trio.run(command, args)
+        return commands[args.command](args)
     except LloomError as exc:
         return report_error(exc)
-    print(f"unknown command {args.command}", file=sys.stderr)  # unreachable via argparse
-    return 2
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _dht(args: argparse.Namespace) -> int:
+    command = dht.find_providers if args.dht_command == "providers" else dht.provide
+    return trio.run(command, args)
 
 
 def run() -> None:

@@ -1,0 +1,1 @@
+"""A whole lloom network on one machine: ``lloom devnet``."""
