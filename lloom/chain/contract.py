@@ -12,8 +12,9 @@ from web3.contract import Contract
 
 from lloom.errors import ConfigError
 
-#: Written by ``node scripts/compile_contract.mjs`` and checked in.
-ARTIFACT = Path(__file__).resolve().parents[2] / "contracts" / "out" / "Accounting.json"
+#: Written by ``node scripts/compile_contract.mjs`` (``make contract``), checked in, and
+#: shipped inside the package so an installed lloom can deploy the contract.
+ARTIFACT = Path(__file__).resolve().parent / "Accounting.json"
 
 
 @functools.cache

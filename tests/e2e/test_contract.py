@@ -83,7 +83,7 @@ def test_artifact_matches_a_fresh_compile(tmp_path: Path) -> None:
         timeout=120,
     )
     assert json.loads(out.read_text()) == json.loads(ARTIFACT.read_text()), (
-        "contracts/out/Accounting.json is stale: run make contract"
+        "lloom/chain/Accounting.json is stale: run make contract"
     )
 
 

@@ -114,3 +114,39 @@ def test_health_metrics_openapi(gateway: str) -> None:
 def test_completions_endpoint(gateway: str) -> None:
     reply = sdk(gateway).completions.create(model="mock-a", prompt="legacy")
     assert reply.choices[0].text == "Echo: legacy"
+
+
+def test_timeout_is_504_and_no_reachable_executor_is_503(procs: Processes) -> None:
+    _, url = start_mock(procs, "mock", "--delay-ms", "5000")  # slower than the gateway allows
+    _, v = start_validator(procs)
+    executor, _, _ = start_executor(procs, "exec", v.listen[0], url, ["mock-a"])
+    proc = procs.start(
+        "gateway",
+        [
+            script("lloom-client"),
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--bootstrap-nodes",
+            v.listen[0],
+            "--timeout",
+            "1",
+        ],
+    )
+    base = f"http://{proc.wait_ready().get('http')}/v1"
+    client = sdk(base)
+    ask = {"model": "mock-a", "messages": [{"role": "user", "content": "x"}]}
+
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as slow:
+        client.chat.completions.create(**ask)  # type: ignore[call-overload]
+    assert slow.value.status_code == 504, slow.value
+    assert time.monotonic() - started < 10  # never a hang
+
+    executor.kill()  # its provider record stays in the DHT: dialing it now fails
+    with pytest.raises(openai.APIStatusError) as gone:
+        client.chat.completions.create(**ask)  # type: ignore[call-overload]
+    assert gone.value.status_code == 503, gone.value
+    assert isinstance(gone.value.body, dict) and gone.value.body.get("code") == (
+        "no_executor_reachable"
+    )
