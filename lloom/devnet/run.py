@@ -39,8 +39,16 @@ from lloom.devnet.layout import (
     write_state,
 )
 from lloom.devnet.layout import Child as RecordedChild
+from lloom.devnet.model_venv import build as build_model_venv
 from lloom.devnet.supervisor import Child, Supervisor, cmdline, end_leftover
-from lloom.devnet.tools import EmbeddedModel, find_anvil, find_embedded_model, free_port
+from lloom.devnet.tools import (
+    EmbeddedModel,
+    default_model_venv,
+    explicit_model_python,
+    find_anvil,
+    find_embedded_model,
+    free_port,
+)
 from lloom.errors import DevnetError, LloomError
 from lloom.identity import Identity
 from lloom.readyline import ReadyLine
@@ -162,7 +170,7 @@ class Devnet:
         """Check everything that can be checked before starting anything."""
         options = self.options
         if options.backend_url is None:
-            self.model = find_embedded_model(options.model_python, options.model_file)
+            self.model = self._find_or_build_model()
         elif options.model_python is not None or options.model_file is not None:
             raise DevnetError("--backend-url replaces the embedded model: drop --model-python")
         self.anvil = find_anvil(options.anvil)
@@ -173,6 +181,19 @@ class Devnet:
         self.state.running = None
         write_state(self.layout, self.state)
         self.keys = _keys(self.layout)
+
+    def _find_or_build_model(self) -> EmbeddedModel:
+        """The embedded model; built once into the default venv when nothing has it."""
+        options = self.options
+        try:
+            return find_embedded_model(options.model_python, options.model_file)
+        except DevnetError:
+            if explicit_model_python(options.model_python) is not None:
+                raise  # the Python the user named lacks it: say so, do not guess
+        venv = default_model_venv()
+        self.say(f"[0/{STEPS}] Building the embedded model into {venv} (once)…")
+        python = build_model_venv(venv, self.say)
+        return find_embedded_model(python, options.model_file)
 
     # -- the run ----------------------------------------------------------------------------
 

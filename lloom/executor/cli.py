@@ -110,10 +110,18 @@ async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig
                         )
 
                         trigger = Trigger()
+                        resumed = trio.Event()
                         nursery.start_soon(on_sigusr1, trigger)
                         nursery.start_soon(
-                            settle_forever, settler, book, config.chain.batch_interval_secs, trigger
+                            settle_forever,
+                            settler,
+                            book,
+                            config.chain.batch_interval_secs,
+                            trigger,
+                            resumed,
                         )
+                        # Ready only once a previous run's settlements are picked up.
+                        await resumed.wait()
                     if not node.host.get_connected_peers():
                         raise NetworkError("no bootstrap node reachable")
                     confirmed = await announce_keys(node, handler.models)

@@ -42,22 +42,41 @@ async def on_sigusr1(trigger: Trigger) -> None:
 
 
 async def settle_forever(
-    settler: Settler, book: ReceiptBook | None, interval: float, trigger: Trigger
+    settler: Settler,
+    book: ReceiptBook | None,
+    interval: float,
+    trigger: Trigger,
+    resumed: trio.Event | None = None,
 ) -> None:
-    """Settle every ``interval`` seconds, when triggered, and quickly while busy."""
-    busy = True  # start with a round: resume whatever a previous run left in flight
+    """Settle every ``interval`` seconds, when triggered, and quickly while busy.
+
+    The first round runs at once, to resume whatever a previous run left in flight;
+    ``resumed`` is set after it (whether it worked or the RPC is down), so the executor
+    can announce readiness with its old settlements already picked up.
+    """
+    busy = False
+    first = True
     while True:
-        with trio.move_on_after(BUSY_INTERVAL if busy else interval):
-            await trigger.wait()
+        if not first:
+            with trio.move_on_after(BUSY_INTERVAL if busy else interval):
+                await trigger.wait()
         try:
-            if book is not None and book.domain is None:
-                chain_id = await trio.to_thread.run_sync(lambda: settler.w3.eth.chain_id)
-                book.domain = Domain(chain_id, settler.contract.address)
-            report = await trio.to_thread.run_sync(settler.round)
-            busy = await trio.to_thread.run_sync(settler.in_flight) > 0
+            busy = await _round(settler, book)
         except Exception as exc:  # the RPC being down is expected; keep trying
             logger.warning("settlement round failed (will retry): %s", exc)
             busy = True
-            continue
-        for line in report.lines():
-            print(line, flush=True)
+        finally:
+            if first and resumed is not None:
+                resumed.set()
+            first = False
+
+
+async def _round(settler: Settler, book: ReceiptBook | None) -> bool:
+    """One settlement round; whether settlements are still in flight afterwards."""
+    if book is not None and book.domain is None:
+        chain_id = await trio.to_thread.run_sync(lambda: settler.w3.eth.chain_id)
+        book.domain = Domain(chain_id, settler.contract.address)
+    report = await trio.to_thread.run_sync(settler.round)
+    for line in report.lines():
+        print(line, flush=True)
+    return await trio.to_thread.run_sync(settler.in_flight) > 0

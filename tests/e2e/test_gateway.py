@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from tests.support.network import start_executor, start_mock, start_validator
-from tests.support.procs import Processes, script
+from tests.support.network import start_executor, start_gateway, start_mock, start_validator
+from tests.support.procs import Processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -23,20 +23,8 @@ def gateway(procs: Processes) -> Iterator[str]:
     _, url = start_mock(procs, "mock", "--chunk-delay-ms", "250")
     _, v = start_validator(procs)
     start_executor(procs, "exec", v.listen[0], url, ["mock-a"])
-    proc = procs.start(
-        "gateway",
-        [
-            script("lloom-client"),
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--bootstrap-nodes",
-            v.listen[0],
-        ],
-    )
-    ready = proc.wait_ready()
-    assert ready.role == "gateway"
-    yield f"http://{ready.get('http')}/v1"
+    _, base = start_gateway(procs, v.listen[0])
+    yield base
 
 
 def sdk(base: str) -> openai.OpenAI:
@@ -120,20 +108,7 @@ def test_timeout_is_504_and_no_reachable_executor_is_503(procs: Processes) -> No
     _, url = start_mock(procs, "mock", "--delay-ms", "5000")  # slower than the gateway allows
     _, v = start_validator(procs)
     executor, _, _ = start_executor(procs, "exec", v.listen[0], url, ["mock-a"])
-    proc = procs.start(
-        "gateway",
-        [
-            script("lloom-client"),
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--bootstrap-nodes",
-            v.listen[0],
-            "--timeout",
-            "1",
-        ],
-    )
-    base = f"http://{proc.wait_ready().get('http')}/v1"
+    _, base = start_gateway(procs, v.listen[0], "--timeout", "1")
     client = sdk(base)
     ask = {"model": "mock-a", "messages": [{"role": "user", "content": "x"}]}
 

@@ -68,4 +68,23 @@ def start_executor(
     return proc, proc.wait_ready(), data_dir
 
 
-__all__ = ["start_executor", "start_mock", "start_validator", "write_config"]
+def start_gateway(
+    procs: Processes, bootstrap: str, *flags: str, name: str = "gateway"
+) -> tuple[Proc, str]:
+    """Start ``lloom-client gateway`` on 127.0.0.1 port 0; return it and its /v1 URL."""
+    argv = [
+        script("lloom-client"),
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--bootstrap-nodes",
+        bootstrap,
+        *flags,
+    ]
+    proc = procs.start(name, argv)
+    ready = proc.wait_ready()
+    assert ready.role == "gateway"
+    return proc, f"http://{ready.get('http')}/v1"
+
+
+__all__ = ["start_executor", "start_gateway", "start_mock", "start_validator", "write_config"]
