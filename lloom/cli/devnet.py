@@ -99,6 +99,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument(
         "--backend-model", metavar="ID", help="the backend's own id for --model (default: same)"
     )
+    p.add_argument(
+        "--backend-api-key-env",
+        metavar="NAME",
+        help="the environment variable holding --backend-url's API key (e.g. OPENAI_API_KEY)",
+    )
     p.add_argument("--anvil", type=Path, metavar="PATH", help="the anvil binary to run")
     p.add_argument(
         "--settle-interval",
@@ -145,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         model_file=args.model_file,
         backend_url=args.backend_url,
         backend_model=args.backend_model,
+        backend_api_key_env=args.backend_api_key_env,
         anvil=args.anvil,
         settle_interval=args.settle_interval,
         startup_timeout=args.startup_timeout,

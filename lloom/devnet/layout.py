@@ -179,18 +179,23 @@ def executor_config(
     rpc_url: str,
     contract: str,
     settle_interval: float,
+    api_key_env: str | None = None,
 ) -> str:
-    """The executor's config.toml for the devnet (checked by the executor's own parser)."""
+    """The executor's config.toml for the devnet (checked by the executor's own parser).
+
+    A backend key is named by its environment variable, never written into the file.
+    """
+    backend: dict[str, object] = {
+        "name": "devnet-model",
+        "base_url": backend_url,
+        "models": {model: backend_model},
+        "timeout_secs": 120,
+    }
+    if api_key_env is not None:
+        backend["api_key_env"] = api_key_env
     doc = {
         "node": {"listen": [listen], "data_dir": str(data_dir)},
-        "backends": [
-            {
-                "name": "devnet-model",
-                "base_url": backend_url,
-                "models": {model: backend_model},
-                "timeout_secs": 120,
-            }
-        ],
+        "backends": [backend],
         "chain": {
             "rpc_url": rpc_url,
             "contract_address": contract,

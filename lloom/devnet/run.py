@@ -77,6 +77,7 @@ class Options:
     model_file: Path | None = None
     backend_url: str | None = None
     backend_model: str | None = None
+    backend_api_key_env: str | None = None
     anvil: Path | None = None
     settle_interval: float = 30.0
     startup_timeout: float = 180.0
@@ -169,6 +170,13 @@ class Devnet:
     def prepare(self) -> None:
         """Check everything that can be checked before starting anything."""
         options = self.options
+        if options.backend_api_key_env is not None:
+            if options.backend_url is None:
+                raise DevnetError("--backend-api-key-env needs --backend-url")
+            if not os.environ.get(options.backend_api_key_env):
+                raise DevnetError(
+                    f"--backend-api-key-env: ${options.backend_api_key_env} is not set"
+                )
         if options.backend_url is None:
             self.model = self._find_or_build_model()
         elif options.model_python is not None or options.model_file is not None:
@@ -368,8 +376,9 @@ class Devnet:
         o = self.options
         if self.model is None:
             assert o.backend_url is not None
+            key = os.environ.get(o.backend_api_key_env) if o.backend_api_key_env else None
             async with self._step(3, f"Checking the backend at {o.backend_url}"):
-                await _check_backend(o.backend_url, None, 10.0)
+                await _check_backend(o.backend_url, None, 10.0, key)
             return o.backend_url.rstrip("/")
         port = o.model_port or free_port(o.host)
         url = f"http://{o.host}:{port}/v1"
@@ -405,6 +414,7 @@ class Devnet:
                 rpc_url=rpc_url,
                 contract=contract,
                 settle_interval=o.settle_interval,
+                api_key_env=o.backend_api_key_env,
             )
             self.layout.executor_config.write_text(text, encoding="utf-8")
             argv = [
@@ -476,10 +486,13 @@ def _ensure_contract(rpc_url: str, deployer: Identity, known: str | None) -> tup
     return address, chain_id, False
 
 
-async def _check_backend(base_url: str, child: Child | None, timeout: float) -> None:
+async def _check_backend(
+    base_url: str, child: Child | None, timeout: float, api_key: str | None = None
+) -> None:
     """Wait until ``GET {base_url}/models`` answers 200 (the backend has loaded its model)."""
     last = "no answer"
-    async with httpx.AsyncClient(timeout=5.0) as http:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(timeout=5.0, headers=headers) as http:
         with trio.move_on_after(timeout):
             while True:
                 if child is not None and child.returncode is not None:

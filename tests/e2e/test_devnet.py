@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -56,7 +57,8 @@ def start_devnet(procs: Processes, name: str, data_dir: Path, *flags: str) -> Pr
     ]
     home = procs.root / "home"
     home.mkdir(parents=True, exist_ok=True)
-    proc = procs.start(name, argv, env={"HOME": str(home)})
+    env = {"HOME": str(home), "DEVNET_BACKEND_KEY": "sk-devnet-test"}
+    proc = procs.start(name, argv, env=env)
     proc.wait_for_line(lambda s: s.startswith("devnet ready "), timeout=240)
     return proc
 
@@ -136,10 +138,22 @@ def test_real_model_answers_and_usage_is_settled(procs: Processes, data_dir: Pat
 def test_killed_devnet_leftovers_are_ended_and_a_second_devnet_refused(
     procs: Processes, data_dir: Path
 ) -> None:
-    _, backend = start_mock(procs)
-    flags = ("--backend-url", backend, "--model", "mock-a")
+    _, backend = start_mock(procs, "mock", "--api-key", "sk-devnet-test")
+    flags = ["--backend-url", backend, "--model", "devnet-model", "--backend-model", "mock-a"]
+    flags += ["--backend-api-key-env", "DEVNET_BACKEND_KEY"]
     first = start_devnet(procs, "devnet", data_dir, *flags)
-    children = running(data_dir).running.children
+    run = running(data_dir).running
+    children = run.children
+
+    # The executor found the backend's key in its environment, not in its config file.
+    reply = httpx.post(
+        run.gateway_url + "/chat/completions",
+        json={"model": "devnet-model", "messages": [{"role": "user", "content": "keyed"}]},
+        timeout=30,
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == "Echo: keyed"
+    assert "sk-devnet-test" not in (data_dir / "executor.toml").read_text()
 
     refused = procs.run("devnet-again", [script("lloom"), "devnet", "--data-dir", str(data_dir)])
     assert refused.returncode == 1

@@ -1,7 +1,8 @@
 """A mock OpenAI-compatible backend for tests and benchmarks.
 
 ``python -m tests.support.mock_openai [--host H] [--port 0] [--reply TEXT] [--no-usage]
-[--delay-ms N] [--chunk-delay-ms N] [--fail-status N] [--inflate-usage K] [--models a,b]``
+[--delay-ms N] [--chunk-delay-ms N] [--fail-status N] [--inflate-usage K] [--models a,b]
+[--api-key KEY]``
 prints exactly one line, ``ready url=http://HOST:PORT/v1``, once listening (port 0 picks a
 free port; the line has the real one) and stops with exit code 0 on SIGINT or SIGTERM.
 
@@ -12,7 +13,8 @@ the deltas gives the reply exactly), a chunk with ``finish_reason``, then a usag
 given, then ``data: [DONE]``. Usage counts whitespace-separated words. ``--delay-ms``
 waits before answering, ``--chunk-delay-ms`` before each word. Unknown models get 404
 ``model_not_found``, malformed bodies 400, and ``--fail-status N`` answers every
-completion request with HTTP N, message ``mock failure``.
+completion request with HTTP N, message ``mock failure``. With ``--api-key`` every request
+without ``Authorization: Bearer KEY`` gets 401 ``invalid_api_key``.
 
 :func:`build_app` serves the same in-process (e.g. with ``httpx.ASGITransport``); its
 :class:`MockOptions` records what it received, for assertions.
@@ -53,6 +55,8 @@ class MockOptions:
     #: Multiply reported completion tokens (a dishonest backend/executor, for tests).
     inflate_usage: int = 1
     models: tuple[str, ...] = DEFAULT_MODELS
+    #: When set, every request must carry ``Authorization: Bearer <api_key>`` (else 401).
+    api_key: str | None = None
     #: Every completion request body received (parsed), in order.
     seen: list[dict[str, Any]] = field(default_factory=list)
     #: The headers of those requests (lower-case names).
@@ -213,11 +217,22 @@ async def _recorded(options: MockOptions, events: AsyncIterator[bytes]) -> Async
 def build_app(options: MockOptions) -> Starlette:
     """The mock as an ASGI app behaving as ``options`` say."""
 
-    async def models(_: Request) -> Response:
+    def unauthorized(request: Request) -> Response | None:
+        if options.api_key is None:
+            return None
+        if request.headers.get("authorization") == f"Bearer {options.api_key}":
+            return None
+        return _error(401, "invalid API key", "invalid_api_key")
+
+    async def models(request: Request) -> Response:
+        if (denied := unauthorized(request)) is not None:
+            return denied
         data = [{"id": m, "object": "model", "owned_by": "mock"} for m in options.models]
         return JSONResponse({"object": "list", "data": data})
 
     async def handle(request: Request, chat: bool) -> Response:
+        if (denied := unauthorized(request)) is not None:
+            return denied
         try:
             body = json.loads(await request.body())
         except ValueError:
@@ -267,6 +282,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, int, MockOptions]:
     p.add_argument("--fail-status", type=int, default=0)
     p.add_argument("--inflate-usage", type=int, default=1)
     p.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    p.add_argument("--api-key", help="require this bearer token (else 401)")
     a = p.parse_args(argv)
     options = MockOptions(
         reply=a.reply,
@@ -276,6 +292,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, int, MockOptions]:
         fail_status=a.fail_status,
         inflate_usage=a.inflate_usage,
         models=tuple(m for m in a.models.split(",") if m),
+        api_key=a.api_key,
     )
     return a.host, a.port, options
 

@@ -133,3 +133,31 @@ def test_devnet_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
     assert lloom_main(["devnet", "--host", "localhost"]) == 2
     assert "IPv4" in capsys.readouterr().err
     assert lloom_main(["devnet", "--model-threads", "0"]) == 2
+
+
+def test_a_backend_key_is_named_never_written(tmp_path: Path) -> None:
+    text = executor_config(
+        listen="/ip4/127.0.0.1/tcp/0",
+        data_dir=tmp_path,
+        backend_url="https://api.openai.com/v1",
+        model="gpt-4o-mini",
+        backend_model="gpt-4o-mini",
+        rpc_url="http://127.0.0.1:8545",
+        contract="0x" + "ab" * 20,
+        settle_interval=30,
+        api_key_env="DEVNET_TEST_KEY",
+    )
+    assert "sk-secret" not in text and 'api_key_env = "DEVNET_TEST_KEY"' in text
+    (backend,) = parse_config(text, env={"DEVNET_TEST_KEY": "sk-secret"}).backends
+    assert backend.api_key == "sk-secret"
+
+
+def test_backend_key_flags_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DEVNET_TEST_KEY", raising=False)
+    base = ["devnet", "--data-dir", str(tmp_path / "d"), "--backend-api-key-env", "DEVNET_TEST_KEY"]
+    assert lloom_main(base) == 1
+    assert "needs --backend-url" in capsys.readouterr().err
+    assert lloom_main([*base, "--backend-url", "http://127.0.0.1:9/v1"]) == 1
+    assert "$DEVNET_TEST_KEY is not set" in capsys.readouterr().err
