@@ -53,14 +53,14 @@ def find_anvil(explicit: Path | None) -> Path:
         Path.cwd() / "node_modules" / ".bin" / "anvil",
     ):
         if candidate and os.access(candidate, os.X_OK):
-            return _native(Path(candidate))
+            return native_anvil(Path(candidate))
     raise DevnetError(
         "anvil not found: run `make npm` in a lloom checkout, or `npm install "
         "@foundry-rs/anvil@1.7.1`, or install Foundry, or pass --anvil PATH"
     )
 
 
-def _native(anvil: Path) -> Path:
+def native_anvil(anvil: Path) -> Path:
     """The npm package's own binary instead of its node wrapper, when there is one.
 
     npm's ``anvil`` is a node script that spawns the platform binary; killing the script

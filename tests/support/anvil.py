@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lloom.devnet.tools import native_anvil
 from tests.support.procs import Proc, Processes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,11 +26,21 @@ def start_anvil(
     own HOME); return it and its RPC URL."""
     if not ANVIL.exists():
         raise FileNotFoundError(f"{ANVIL} missing: run make npm (make test does)")
+    # The binary itself, not npm's node wrapper: a killed wrapper would leave it running.
     home = procs.root / name / "home"
     home.mkdir(parents=True, exist_ok=True)
     proc = procs.start(
         name,
-        [str(ANVIL), "--host", "127.0.0.1", "--port", str(port), "--prune-history", "64", *flags],
+        [
+            str(native_anvil(ANVIL)),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--prune-history",
+            "64",
+            *flags,
+        ],
         env={"HOME": str(home)},
     )
     line = proc.wait_for_line(lambda s: s.startswith("Listening on "))
