@@ -93,7 +93,7 @@ $(LITELLM_STAMP):
 	$(LITELLM_VENV)/bin/pip install -q --disable-pip-version-check 'litellm[proxy]==1.108.7'
 	@touch $@
 
-bench: $(STAMP) $(LITELLM_STAMP)
+bench: $(STAMP) $(NODE_STAMP) $(MODEL_STAMP) $(LITELLM_STAMP)
 	$(PY) -m bench
 
 lock: $(STAMP)

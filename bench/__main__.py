@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import sys
 
-from bench import accounting, node, request_path
+from bench import accounting, devnet, node, request_path
 
 
 def main() -> None:
     """Run all benchmarks in order, or the ones named on the command line."""
-    suites = {"node": node.main, "request_path": request_path.main, "accounting": accounting.main}
+    suites = {
+        "node": node.main,
+        "request_path": request_path.main,
+        "accounting": accounting.main,
+        "devnet": devnet.main,
+    }
     for name in sys.argv[1:] or list(suites):
         suites[name]()
 
