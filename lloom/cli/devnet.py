@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 from pathlib import Path
 
 from lloom.devnet.model_venv import build as build_model_venv
-from lloom.devnet.run import Options, run_devnet
+from lloom.devnet.run import Options, default_model_threads, run_devnet
 from lloom.devnet.tools import ENV_MODEL_PYTHON, default_model_venv
 from lloom.errors import UsageError
 from lloom.paths import default_data_dir
@@ -78,9 +77,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument(
         "--model-threads",
         type=int,
-        default=os.cpu_count() or 1,
+        default=default_model_threads(),
         metavar="N",
-        help="CPU threads of the model server (default: all cores)",
+        help="CPU threads of the model server (default: all cores but one)",
     )
     p.add_argument(
         "--model-python",

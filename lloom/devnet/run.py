@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,6 +61,16 @@ STEPS = 6
 READY_PREFIX = "devnet ready"
 
 
+def default_model_threads() -> int:
+    """All cores but one, so the executor and gateway relaying the model's chunks keep one.
+
+    Measured with SmolLM2 on 2 cores (docs/benchmarks.md, "Real model"): one thread streams
+    as fast or faster through the gateway than two, with steadier latency; only the time
+    to the first token grows (prompt evaluation uses the second core).
+    """
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     """What ``lloom devnet`` was asked to do (see ``lloom devnet --help``)."""
@@ -72,7 +82,7 @@ class Options:
     gateway_port: int = 8080
     model: str = "smollm2"
     model_port: int = 0
-    model_threads: int = os.cpu_count() or 1
+    model_threads: int = field(default_factory=default_model_threads)
     model_python: Path | None = None
     model_file: Path | None = None
     backend_url: str | None = None
