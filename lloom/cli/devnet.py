@@ -7,8 +7,8 @@ import ipaddress
 from pathlib import Path
 
 from lloom.devnet.model_venv import build as build_model_venv
-from lloom.devnet.run import Options, default_model_threads, run_devnet
-from lloom.devnet.tools import ENV_MODEL_PYTHON, default_model_venv
+from lloom.devnet.run import Options, run_devnet
+from lloom.devnet.tools import ENV_MODEL_PYTHON, default_model_threads, default_model_venv
 from lloom.errors import UsageError
 from lloom.paths import default_data_dir
 

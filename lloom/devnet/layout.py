@@ -207,6 +207,27 @@ def executor_config(
     return "# Written by lloom devnet on every start; edits are overwritten.\n" + tomli_w.dumps(doc)
 
 
+def summary(running: Running, state: DevnetState, root: Path, took: float) -> str:
+    """What the devnet prints once it is up: endpoints, then :func:`snippets`."""
+    return "\n".join(
+        [
+            "",
+            f"lloom devnet is up ({took:.1f} s), data dir {root}",
+            f"  chain      {running.rpc_url} (anvil, chain id {state.chain_id})",
+            f"  contract   {state.contract} (Accounting)",
+            f"  validator  {running.validator}",
+            f"  executor   {running.executor_peer_id} ({running.executor_address})",
+            f"  model      {running.model} served at {running.backend_url}",
+            f"  gateway    {running.gateway_url} (OpenAI-compatible)",
+            f"  logs       {root / 'logs'}",
+            "",
+            snippets(running, str(state.contract), running.pid),
+            "",
+            "Ctrl-C stops everything.",
+        ]
+    )
+
+
 def snippets(running: Running, contract: str, devnet_pid: int) -> str:
     """The ready-to-paste commands printed once the devnet is up."""
     base = running.gateway_url

@@ -9,66 +9,49 @@ Ctrl-C (SIGINT) or SIGTERM stops every child. A second run reuses keys, chain an
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
-import httpx
 import trio
-from web3 import Web3
-from web3.exceptions import Web3Exception
 
-from lloom.chain.contract import artifact, connect
-from lloom.chain.tx import ChainError, deploy
+from lloom.devnet.chain import ensure_contract, fund
+from lloom.devnet.datadir import ensure_keys, locked
+from lloom.devnet.layout import Child as RecordedChild
 from lloom.devnet.layout import (
-    KEY_ROLES,
     DevnetState,
     Layout,
     Running,
     executor_config,
     read_state,
-    snippets,
+    summary,
     write_state,
 )
-from lloom.devnet.layout import Child as RecordedChild
 from lloom.devnet.model_venv import build as build_model_venv
+from lloom.devnet.probes import wait_for_models
 from lloom.devnet.supervisor import Child, Supervisor, cmdline, end_leftover
 from lloom.devnet.tools import (
     EmbeddedModel,
+    default_model_threads,
     default_model_venv,
     explicit_model_python,
     find_anvil,
     find_embedded_model,
     free_port,
+    lloom_script,
 )
 from lloom.errors import DevnetError, LloomError
 from lloom.identity import Identity
 from lloom.readyline import ReadyLine
 
-#: What a devnet account is topped up to on every start (anvil's fake ether).
-FUNDING_WEI = 1000 * 10**18
 #: Steps shown as [n/STEPS].
 STEPS = 6
 #: The line printed once everything is up (scripts wait for it).
 READY_PREFIX = "devnet ready"
-
-
-def default_model_threads() -> int:
-    """All cores but one, so the executor and gateway relaying the model's chunks keep one.
-
-    Measured with SmolLM2 on 2 cores (docs/benchmarks.md, "Real model"): one thread streams
-    as fast or faster through the gateway than two, with steadier latency; only the time
-    to the first token grows (prompt evaluation uses the second core).
-    """
-    return max(1, (os.cpu_count() or 1) - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,44 +80,6 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-@contextmanager
-def _locked(layout: Layout) -> Iterator[None]:
-    """Hold the data dir's lock; a second devnet on the same dir gets a clear error."""
-    layout.root.mkdir(parents=True, exist_ok=True)
-    handle: IO[str] = layout.lock.open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "?"
-        handle.close()
-        raise DevnetError(
-            f"another lloom devnet (pid {holder}) is using {layout.root}; stop it first"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    try:
-        yield
-    finally:
-        handle.close()
-
-
-def _keys(layout: Layout) -> dict[str, Identity]:
-    """Every role's identity; created (mode 0600) on the first run, then reused."""
-    folder = layout.key("any").parent
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder.chmod(0o700)
-    keys = {}
-    for role in KEY_ROLES:
-        path = layout.key(role)
-        if not path.exists():
-            Identity.generate().write_key_file(path)
-        keys[role] = Identity.from_key_file(path)
-    return keys
-
-
 def _end_leftovers(state: DevnetState, say: Callable[[str], None]) -> None:
     """Children a killed devnet left behind (checked by PID and full command line)."""
     if state.running is None:
@@ -142,17 +87,6 @@ def _end_leftovers(state: DevnetState, say: Callable[[str], None]) -> None:
     for name, child in state.running.children.items():
         if end_leftover(child.pid, child.argv):
             say(f"stopped {name} (pid {child.pid}) left running by an earlier devnet")
-
-
-def _script(name: str) -> str:
-    """A lloom console script: next to this Python, else on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise DevnetError(f"{name} not found next to {sys.executable} or on PATH")
-    return found
 
 
 def _child_env(layout: Layout, role: str) -> dict[str, str]:
@@ -193,12 +127,12 @@ class Devnet:
             raise DevnetError("--backend-url replaces the embedded model: drop --model-python")
         self.anvil = find_anvil(options.anvil)
         for script in ("lloom-validator", "lloom-executor", "lloom-client"):
-            _script(script)
+            lloom_script(script)
         self.state = read_state(self.layout)
         _end_leftovers(self.state, self.say)
         self.state.running = None
         write_state(self.layout, self.state)
-        self.keys = _keys(self.layout)
+        self.keys = ensure_keys(self.layout)
 
     def _find_or_build_model(self) -> EmbeddedModel:
         """The embedded model; built once into the default venv when nothing has it."""
@@ -291,19 +225,7 @@ class Devnet:
         self.state.running = running
         write_state(self.layout, self.state)
         took = time.monotonic() - started
-        self.say("")
-        self.say(f"lloom devnet is up ({took:.1f} s), data dir {self.layout.root}")
-        self.say(f"  chain      {rpc_url} (anvil, chain id {self.state.chain_id})")
-        self.say(f"  contract   {contract} (Accounting)")
-        self.say(f"  validator  {validator}")
-        self.say(f"  executor   {executor.peer_id} ({executor.address})")
-        self.say(f"  model      {self.options.model} served at {backend_url}")
-        self.say(f"  gateway    {gateway_url} (OpenAI-compatible)")
-        self.say(f"  logs       {self.layout.root / 'logs'}")
-        self.say("")
-        self.say(snippets(running, contract, os.getpid()))
-        self.say("")
-        self.say("Ctrl-C stops everything.")
+        self.say(summary(running, self.state, self.layout.root, took))
         self.say(f"{READY_PREFIX} state={self.layout.state}")
 
     @asynccontextmanager
@@ -367,13 +289,13 @@ class Devnet:
             )
             rpc_url = "http://" + line.removeprefix("Listening on ").strip()
             addresses = [self.keys[r].address for r in ("deployer", "executor")]
-            await trio.to_thread.run_sync(_fund, rpc_url, addresses)
+            await trio.to_thread.run_sync(fund, rpc_url, addresses)
         return rpc_url
 
     async def _contract(self, rpc_url: str) -> str:
         async with self._step(2, "Deploying the Accounting contract"):
             address, chain_id, reused = await trio.to_thread.run_sync(
-                _ensure_contract, rpc_url, self.keys["deployer"], self.state.contract
+                ensure_contract, rpc_url, self.keys["deployer"], self.state.contract
             )
             self.state.chain_id = chain_id
             self.state.contract = address
@@ -388,20 +310,20 @@ class Devnet:
             assert o.backend_url is not None
             key = os.environ.get(o.backend_api_key_env) if o.backend_api_key_env else None
             async with self._step(3, f"Checking the backend at {o.backend_url}"):
-                await _check_backend(o.backend_url, None, 10.0, key)
+                await wait_for_models(o.backend_url, timeout=10.0, api_key=key)
             return o.backend_url.rstrip("/")
         port = o.model_port or free_port(o.host)
         url = f"http://{o.host}:{port}/v1"
         async with self._step(3, "Loading the model (SmolLM2-135M-Instruct, llama.cpp)"):
             argv = self.model.argv(o.host, port, o.model, o.model_threads)
             child = await self._start("model", argv)
-            await _check_backend(url, child, o.startup_timeout)
+            await wait_for_models(url, timeout=o.startup_timeout, child=child)
         return url
 
     async def _validator(self) -> str:
         async with self._step(4, "Starting the validator"):
             argv = [
-                _script("lloom-validator"),
+                lloom_script("lloom-validator"),
                 "--key-file",
                 str(self.layout.key("validator")),
                 "--listen-address",
@@ -428,7 +350,7 @@ class Devnet:
             )
             self.layout.executor_config.write_text(text, encoding="utf-8")
             argv = [
-                _script("lloom-executor"),
+                lloom_script("lloom-executor"),
                 "--key-file",
                 str(self.layout.key("executor")),
                 "--bootstrap-nodes",
@@ -444,7 +366,7 @@ class Devnet:
         o = self.options
         async with self._step(6, "Starting the gateway"):
             argv = [
-                _script("lloom-client"),
+                lloom_script("lloom-client"),
                 "gateway",
                 "--key-file",
                 str(self.layout.key("gateway")),
@@ -456,7 +378,7 @@ class Devnet:
             child = await self._start("gateway", argv)
             ready = await self._ready(child, "its ready line")
             url = f"http://{ready.get('http')}/v1"
-            await _wait_for_model(url, o.model, child, o.startup_timeout)
+            await wait_for_models(url, timeout=o.startup_timeout, child=child, model=o.model)
         return url
 
 
@@ -465,81 +387,9 @@ def _relay_settlement(line: str) -> str | None:
     return f"executor: {line}" if line.startswith("settlement ") else None
 
 
-def _fund(rpc_url: str, addresses: list[str]) -> None:
-    """Top up devnet accounts with anvil's fake ether."""
-    w3 = connect(rpc_url)
-    try:
-        for address in addresses:
-            checksum = Web3.to_checksum_address(address)
-            if w3.eth.get_balance(checksum) < FUNDING_WEI // 2:
-                w3.provider.make_request("anvil_setBalance", [checksum, hex(FUNDING_WEI)])  # type: ignore[arg-type]
-    except (Web3Exception, OSError, ValueError) as exc:
-        raise DevnetError(f"cannot fund devnet accounts on {rpc_url}: {exc}") from None
-
-
-def _ensure_contract(rpc_url: str, deployer: Identity, known: str | None) -> tuple[str, int, bool]:
-    """The Accounting address: the known one if its code is on chain, else a new deployment."""
-    w3 = connect(rpc_url)
-    try:
-        chain_id = int(w3.eth.chain_id)
-        # Code at the recorded address means the chain state was kept; a chain started
-        # afresh (state file deleted) has none there, and gets a new deployment.
-        if (
-            known is not None
-            and Web3.is_address(known)
-            and w3.eth.get_code(Web3.to_checksum_address(known))
-        ):
-            return known, chain_id, True
-        address = deploy(w3, deployer, artifact()["abi"], artifact()["bytecode"])
-    except (Web3Exception, OSError, ValueError, ChainError) as exc:
-        raise DevnetError(f"cannot deploy Accounting on {rpc_url}: {exc}") from None
-    return address, chain_id, False
-
-
-async def _check_backend(
-    base_url: str, child: Child | None, timeout: float, api_key: str | None = None
-) -> None:
-    """Wait until ``GET {base_url}/models`` answers 200 (the backend has loaded its model)."""
-    last = "no answer"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(timeout=5.0, headers=headers) as http:
-        with trio.move_on_after(timeout):
-            while True:
-                if child is not None and child.returncode is not None:
-                    raise DevnetError(
-                        f"the model server exited (code {child.returncode}); its log "
-                        f"{child.log_path} ends with:\n{child.log_tail()}"
-                    )
-                try:
-                    response = await http.get(base_url.rstrip("/") + "/models")
-                    if response.status_code == 200:
-                        return
-                    last = f"HTTP {response.status_code}"
-                except httpx.HTTPError as exc:
-                    last = type(exc).__name__
-                await trio.sleep(0.2)
-    raise DevnetError(f"backend {base_url} not ready within {timeout:.0f} s ({last})")
-
-
-async def _wait_for_model(gateway_url: str, model: str, child: Child, timeout: float) -> None:
-    """Wait until the gateway lists ``model`` (it has found the executor)."""
-    async with httpx.AsyncClient(timeout=5.0) as http:
-        with trio.move_on_after(timeout):
-            while child.returncode is None:
-                try:
-                    response = await http.get(gateway_url + "/models")
-                    data: Any = response.json().get("data", [])
-                    if any(isinstance(m, dict) and m.get("id") == model for m in data):
-                        return
-                except (httpx.HTTPError, ValueError, AttributeError):
-                    pass
-                await trio.sleep(0.2)
-    raise DevnetError(f"the gateway did not find an executor for {model} within {timeout:.0f} s")
-
-
 def run_devnet(options: Options, say: Callable[[str], None] = _say) -> None:
     """Run the devnet until it is stopped; raises :class:`DevnetError` on failure."""
     devnet = Devnet(options, say)
-    with _locked(devnet.layout):
+    with locked(devnet.layout):
         devnet.prepare()
         trio.run(devnet.run)

@@ -167,3 +167,24 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def lloom_script(name: str) -> str:
+    """A lloom console script: next to this Python, else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise DevnetError(f"{name} not found next to {sys.executable} or on PATH")
+    return found
+
+
+def default_model_threads() -> int:
+    """All cores but one, so the executor and gateway relaying the model's chunks keep one.
+
+    Measured with SmolLM2 on 2 cores (docs/benchmarks.md, "Real model"): one thread streams
+    as fast or faster through the gateway than two, with steadier latency; only the time
+    to the first token grows (prompt evaluation uses the second core).
+    """
+    return max(1, (os.cpu_count() or 1) - 1)

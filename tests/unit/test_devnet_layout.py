@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from lloom.devnet.layout import (
     executor_config,
     read_state,
     snippets,
+    summary,
     write_state,
 )
 from lloom.devnet.supervisor import end_leftover, still_ours
@@ -69,17 +71,23 @@ def test_unreadable_state_is_an_error_not_replaced(tmp_path: Path, text: str, me
     assert layout.state.read_text() == text
 
 
+def config_text(data_dir: Path, **overrides: Any) -> str:
+    """The devnet's executor config, with ``overrides`` over typical values."""
+    args: dict[str, Any] = {
+        "listen": "/ip4/127.0.0.1/tcp/0",
+        "data_dir": data_dir,
+        "backend_url": "http://127.0.0.1:9000/v1",
+        "model": "smollm2",
+        "backend_model": "SmolLM2-135M",
+        "rpc_url": "http://127.0.0.1:8545",
+        "contract": "0x" + "ab" * 20,
+        "settle_interval": 7.5,
+    }
+    return executor_config(**(args | overrides))
+
+
 def test_executor_config_is_valid_for_the_executor(tmp_path: Path) -> None:
-    text = executor_config(
-        listen="/ip4/127.0.0.1/tcp/0",
-        data_dir=tmp_path / 'odd "dir"',
-        backend_url="http://127.0.0.1:9000/v1",
-        model="smollm2",
-        backend_model="SmolLM2-135M",
-        rpc_url="http://127.0.0.1:8545",
-        contract="0x" + "ab" * 20,
-        settle_interval=7.5,
-    )
+    text = config_text(tmp_path / 'odd "dir"')
     config = parse_config(text, env={})
     assert config.node.data_dir == tmp_path / 'odd "dir"'
     (backend,) = config.backends
@@ -87,6 +95,16 @@ def test_executor_config_is_valid_for_the_executor(tmp_path: Path) -> None:
     assert config.chain is not None
     assert config.chain.batch_interval_secs == 7.5
     assert config.chain.contract_address.lower() == "0x" + "ab" * 20
+
+
+def test_summary_names_every_endpoint(tmp_path: Path) -> None:
+    run = running()
+    state = DevnetState(chain_id=31337, contract="0x" + "ab" * 20, running=run)
+    text = summary(run, state, tmp_path, 3.6)
+    assert "lloom devnet is up (3.6 s)" in text and "chain id 31337" in text
+    for value in (run.rpc_url, run.validator, run.gateway_url, run.backend_url, state.contract):
+        assert str(value) in text
+    assert "kill -USR1 42" in text  # the devnet's own PID, from the recorded state
 
 
 def test_snippets_are_pasteable() -> None:
@@ -136,16 +154,8 @@ def test_devnet_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_a_backend_key_is_named_never_written(tmp_path: Path) -> None:
-    text = executor_config(
-        listen="/ip4/127.0.0.1/tcp/0",
-        data_dir=tmp_path,
-        backend_url="https://api.openai.com/v1",
-        model="gpt-4o-mini",
-        backend_model="gpt-4o-mini",
-        rpc_url="http://127.0.0.1:8545",
-        contract="0x" + "ab" * 20,
-        settle_interval=30,
-        api_key_env="DEVNET_TEST_KEY",
+    text = config_text(
+        tmp_path, backend_url="https://api.openai.com/v1", api_key_env="DEVNET_TEST_KEY"
     )
     assert "sk-secret" not in text and 'api_key_env = "DEVNET_TEST_KEY"' in text
     (backend,) = parse_config(text, env={"DEVNET_TEST_KEY": "sk-secret"}).backends
