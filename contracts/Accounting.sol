@@ -4,12 +4,14 @@ pragma solidity ^0.8.20;
 /**
  * @title Accounting
  * @dev Records token usage for the lloom network. The evidence of work is the
- * UsageRecorded event, which can be indexed and verified off-chain.
+ * UsageRecorded (unverified) and UsageSettled (client-signed) events, which can be indexed
+ * and verified off-chain.
  *
  * Two ways to record usage:
  * - recordUsage: the design's unverified path, one record per call; the executor alone
  *   vouches for the numbers.
- * - settle: the verified path. Each receipt is an EIP-712 signature by the client over the
+ * - settle: the verified path, with its own event (UsageSettled) and totals
+ *   (verifiedTokensByExecutor). Each receipt is an EIP-712 signature by the client over the
  *   running totals of one channel (executor, client, model). The contract keeps the total
  *   settled per channel, so a receipt settles every request since the last one, replays
  *   and old receipts settle nothing, and an executor cannot record usage a client did not
@@ -27,10 +29,25 @@ contract Accounting {
     );
 
     /// @dev reason: 1 bad signature, 2 expired, 3 nothing new (replayed or older), 4 too large
+    /// Verified usage: emitted by settle for the new tokens of a client-signed receipt. It
+    /// has the shape of UsageRecorded but its own name, so verified usage is never mistaken
+    /// for the unverified kind that any executor can record for any client.
+    event UsageSettled(
+        address indexed executor,
+        address indexed client,
+        string model,
+        uint256 tokenCount,
+        uint256 timestamp
+    );
+
     event ReceiptRejected(address indexed executor, address indexed client, string model, uint8 reason);
 
     /// Total tokens recorded for each executor (both paths).
+    /// Tokens recorded by the design's unverified path (recordUsage, recordUsageBatch).
     mapping(address => uint256) public totalTokensByExecutor;
+
+    /// Tokens settled with client-signed receipts (settle).
+    mapping(address => uint256) public verifiedTokensByExecutor;
 
     /// Running total of tokens settled per channel keccak256(abi.encode(executor, client, keccak256(model))).
     mapping(bytes32 => uint256) public settledTokens;
@@ -150,10 +167,10 @@ contract Accounting {
                 added += cumulative - settled;
                 ++accepted;
             }
-            emit UsageRecorded(msg.sender, rc.client, rc.model, cumulative - settled, block.timestamp);
+            emit UsageSettled(msg.sender, rc.client, rc.model, cumulative - settled, block.timestamp);
         }
         if (added > 0) {
-            totalTokensByExecutor[msg.sender] += added;
+            verifiedTokensByExecutor[msg.sender] += added;
         }
     }
 

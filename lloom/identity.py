@@ -23,6 +23,7 @@ from libp2p.crypto.secp256k1 import Secp256k1PublicKey, create_new_key_pair
 from libp2p.peer.id import ID
 
 from lloom.errors import IdentityError
+from lloom.paths import exposed_to_others, private_dir
 
 #: Environment variable a private key may be read from.
 ENV_PRIVATE_KEY = "LLOOM_PRIVATE_KEY"
@@ -90,7 +91,13 @@ class Identity:
 
     @classmethod
     def from_key_file(cls, path: Path) -> Identity:
-        """Load an identity from a key file holding one hex private key."""
+        """Load an identity from a key file holding one hex private key.
+
+        A key file that other users can read is refused, with the command that fixes it.
+        """
+        exposed = exposed_to_others(path)
+        if exposed is not None:
+            raise IdentityError(f"key file {exposed}")
         try:
             text = path.read_text(encoding="ascii")
         except FileNotFoundError:
@@ -110,7 +117,7 @@ class Identity:
     def write_key_file(self, path: Path, *, overwrite: bool = False) -> None:
         """Write the private key to ``path`` with mode 0600 (created atomically)."""
         flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         try:
             fd = os.open(path, flags, stat.S_IRUSR | stat.S_IWUSR)
         except FileExistsError:

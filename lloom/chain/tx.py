@@ -12,12 +12,8 @@ from hexbytes import HexBytes
 from web3 import Web3
 from web3.types import TxParams, TxReceipt
 
-from lloom.errors import LloomError
+from lloom.errors import ChainError
 from lloom.identity import Identity
-
-
-class ChainError(LloomError):
-    """A transaction or chain query failed."""
 
 
 def fees(w3: Web3) -> dict[str, int]:

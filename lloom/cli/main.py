@@ -1,4 +1,4 @@
-"""The umbrella ``lloom`` command: identity, dht, chain, usage and devnet."""
+"""The umbrella ``lloom`` command: identity, dht, chain, usage, devnet and keys."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 
 from lloom import __version__
-from lloom.cli import chain, devnet, dht
+from lloom.cli import chain, devnet, dht, keys
 from lloom.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     dht.add_parsers(sub)
     chain.add_parsers(sub)
     devnet.add_parsers(sub)
+    keys.add_parsers(sub)
     return parser
 
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "devnet": devnet.run,
         "model-venv": devnet.run_model_venv,
         "dht": _dht,
+        "keys": keys.run,
     }
     try:
         return commands[args.command](args)

@@ -16,18 +16,21 @@ from typing import Any
 import trio
 
 from lloom import __version__
-from lloom.cli.common import EXIT_OK, add_identity_args, identity_from_args, run_main
+from lloom.cli.common import (
+    EXIT_OK,
+    add_chain_args,
+    add_identity_args,
+    domain_from_args,
+    identity_from_args,
+    run_main,
+)
 from lloom.client.discovery import ordered_executors
 from lloom.client.receipts import Ledger, ReceiptSigner
 from lloom.client.session import Result, request_with_failover
 from lloom.errors import (
-    AllExecutorsFailed,
     LloomError,
     NetworkError,
-    NoExecutorError,
     PartialResponseError,
-    RemoteError,
-    RequestTimeout,
     UsageError,
 )
 from lloom.identity import Identity
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lloom-client", description="Send a prompt to the lloom network."
     )
     add_identity_args(parser)
+    add_chain_args(parser)
     parser.add_argument(
         "--bootstrap-nodes",
         required=True,
@@ -122,7 +126,7 @@ async def ask(identity: Identity, args: argparse.Namespace, request: llm.Request
                 "executors for %s: %s", request.model, [str(c.peer_id) for c in candidates]
             )
             ledger = Ledger(default_data_dir() / "client-ledger.sqlite3")
-            signer = ReceiptSigner(identity, ledger)
+            signer = ReceiptSigner(identity, ledger, domain_from_args(args))
             try:
                 result = await request_with_failover(
                     node, candidates, request, on_chunk, total_timeout=args.timeout, signer=signer
@@ -150,7 +154,11 @@ async def ask(identity: Identity, args: argparse.Namespace, request: llm.Request
                     "executor": str(result.executor),
                     "request_id": result.end.request_id,
                     "usage": result.end.usage.to_json(),
-                    "usage_source": result.end.usage_source,
+                    "backend_usage": (
+                        None
+                        if result.end.backend_usage is None
+                        else result.end.backend_usage.to_json()
+                    ),
                 }
             )
         )
@@ -162,22 +170,9 @@ async def ask(identity: Identity, args: argparse.Namespace, request: llm.Request
     return result
 
 
-_EXIT_BY_ERROR: tuple[tuple[type[LloomError], str], ...] = (
-    (UsageError, "usage"),
-    (NoExecutorError, "no_executor"),
-    (AllExecutorsFailed, "all_failed"),
-    (RequestTimeout, "timeout"),
-    (PartialResponseError, "partial"),
-    (RemoteError, "rejected"),
-)
-
-
 def exit_code_for(exc: LloomError) -> int:
-    """The documented exit code for a failure."""
-    for kind, name in _EXIT_BY_ERROR:
-        if isinstance(exc, kind):
-            return EXIT_CODES[name]
-    return EXIT_CODES["failure"]
+    """The documented exit code for a failure (it lives on the error's class)."""
+    return exc.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,22 @@
-"""The client's side of receipts: check the usage an executor claims, then sign or refuse.
+"""The client's side of receipts: check what an executor asks it to sign, then sign or refuse.
 
 After a request the executor states its usage and asks the client to sign the channel's
-running totals. The client signs only if
+running totals: the last totals the client signed on that channel (``previous``, with the
+client's own signature) plus this request. The client signs only if
 
-- the receipt names the executor it talked to (the address inside the executor's PeerId);
-- the claimed usage is plausible against its own tiktoken count of what it sent and received:
-  prompt <= 2 * counted + 64 and completion <= 1.5 * counted + 16 tokens (backends use other
-  tokenizers and wrap prompts in chat templates, so this catches gross inflation, not a few
-  tokens);
-- the running totals do not exceed what this client has accepted on the channel so far plus
-  this request (kept in a small SQLite ledger in the client's data dir);
+- it was configured with a chain id and contract (``--chain-id``/``--contract``) and the
+  receipt is for exactly those: no configuration, no signature;
+- the receipt names the executor it talked to (the address inside the executor's PeerId)
+  and the model it asked for;
+- the usage is the canonical billing count (:mod:`lloom.protocol.billing`) of what it sent
+  and received, exactly (so never beyond its ``max_tokens``), and the answer was not empty;
+- the totals are ``previous`` plus this usage, and ``previous`` is no more than what this
+  client signed on the channel (its ledger, keyed by its own address), or carries this
+  client's own valid signature (a client whose ledger was lost carries on);
 - the deadline is between one minute and 31 days away.
 
-Otherwise it refuses and says why; the executor then has nothing it can settle for it.
+Otherwise it refuses and says why; the executor then has nothing it can settle for it, and
+the next receipt it asks starts again from the last signed totals.
 """
 
 from __future__ import annotations
@@ -20,85 +24,66 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from lloom.chain.receipts import Domain, Receipt, sign
+from lloom.chain.receipts import Domain, Receipt, sign, signer_of
 from lloom.identity import Identity
-from lloom.protocol import llm
-from lloom.tokens import count_chat_prompt, count_text
+from lloom.paths import private_file
+from lloom.protocol import billing, llm, openai_body
 
 MIN_DEADLINE_SECS = 60
 MAX_DEADLINE_SECS = 31 * 24 * 3600
 
 
-@dataclass(frozen=True, slots=True)
-class Tolerance:
-    """How far claimed usage may exceed the client's own count."""
-
-    prompt_factor: float = 2.0
-    prompt_slack: int = 64
-    completion_factor: float = 1.5
-    completion_slack: int = 16
-
-    def prompt_ok(self, claimed: int, counted: int) -> bool:
-        """Whether a claimed prompt count is plausible."""
-        return claimed <= self.prompt_factor * counted + self.prompt_slack
-
-    def completion_ok(self, claimed: int, counted: int) -> bool:
-        """Whether a claimed completion count is plausible."""
-        return claimed <= self.completion_factor * counted + self.completion_slack
-
-
-def counted_prompt(request: llm.Request) -> int:
-    """The client's own count of a request's prompt tokens."""
-    body = request.body
-    if request.kind is llm.RequestKind.CHAT:
-        return count_chat_prompt(body["messages"])
-    prompt = body["prompt"]
-    return sum(count_text(p) for p in prompt) if isinstance(prompt, list) else count_text(prompt)
+def counted_usage(request: llm.Request, completion: str) -> llm.Usage:
+    """The canonical billing count of ``request`` and the ``completion`` text received."""
+    return llm.Usage(
+        billing.prompt_tokens(request.kind, request.body),
+        billing.completion_tokens(completion, openai_body.completion_limit(request.body)),
+    )
 
 
 class Ledger:
-    """What this client has accepted per channel (executor, model, chain, contract)."""
+    """The highest totals this client signed per channel (its address, executor, model,
+    chain, contract), in SQLite (mode 0600)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            private_file(path), check_same_thread=False, isolation_level=None
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS accepted (executor TEXT, model TEXT, chain_id INTEGER, "
-            "contract TEXT, prompt_total INTEGER, completion_total INTEGER, "
-            "PRIMARY KEY (executor, model, chain_id, contract))"
+            "CREATE TABLE IF NOT EXISTS signed (client TEXT, executor TEXT, model TEXT, "
+            "chain_id INTEGER, contract TEXT, prompt_total INTEGER, completion_total INTEGER, "
+            "PRIMARY KEY (client, executor, model, chain_id, contract))"
         )
         self._lock = threading.Lock()
 
-    def accepted(self, executor: str, model: str, domain: Domain) -> tuple[int, int]:
-        """Running (prompt, completion) totals accepted so far."""
+    @staticmethod
+    def _key(client: str, executor: str, model: str, domain: Domain) -> tuple[object, ...]:
+        return (client.lower(), executor.lower(), model, domain.chain_id, domain.contract.lower())
+
+    def signed(self, client: str, executor: str, model: str, domain: Domain) -> tuple[int, int]:
+        """The highest (prompt, completion) totals ``client`` signed on the channel."""
         with self._lock:
             row = self._db.execute(
-                "SELECT prompt_total, completion_total FROM accepted WHERE executor = ? "
-                "AND model = ? AND chain_id = ? AND contract = ?",
-                (executor.lower(), model, domain.chain_id, domain.contract.lower()),
+                "SELECT prompt_total, completion_total FROM signed WHERE client = ? AND "
+                "executor = ? AND model = ? AND chain_id = ? AND contract = ?",
+                self._key(client, executor, model, domain),
             ).fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
-    def add(self, executor: str, model: str, domain: Domain, usage: llm.Usage) -> None:
-        """Accept ``usage`` on the channel."""
+    def raise_to(
+        self, client: str, executor: str, model: str, domain: Domain, totals: tuple[int, int]
+    ) -> None:
+        """Note that ``client`` signed ``totals`` (kept only where higher)."""
         with self._lock:
             self._db.execute(
-                "INSERT INTO accepted VALUES (?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (executor, model, chain_id, contract) DO UPDATE SET "
-                "prompt_total = prompt_total + excluded.prompt_total, "
-                "completion_total = completion_total + excluded.completion_total",
-                (
-                    executor.lower(),
-                    model,
-                    domain.chain_id,
-                    domain.contract.lower(),
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                ),
+                "INSERT INTO signed VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (client, executor, model, chain_id, contract) DO UPDATE SET "
+                "prompt_total = MAX(prompt_total, excluded.prompt_total), "
+                "completion_total = MAX(completion_total, excluded.completion_total)",
+                (*self._key(client, executor, model, domain), *totals),
             )
 
     def close(self) -> None:
@@ -108,12 +93,15 @@ class Ledger:
 
 
 class ReceiptSigner:
-    """Decides, for one client identity, whether to sign what an executor asks."""
+    """Decides, for one client identity and one chain, whether to sign what an executor asks.
 
-    def __init__(self, identity: Identity, ledger: Ledger, tolerance: Tolerance | None = None):
+    ``domain`` is the chain id and contract this client signs for; None signs nothing.
+    """
+
+    def __init__(self, identity: Identity, ledger: Ledger, domain: Domain | None) -> None:
         self.identity = identity
         self.ledger = ledger
-        self.tolerance = tolerance or Tolerance()
+        self.domain = domain
         #: The last refusal, for callers that report it.
         self.last_refusal: str | None = None
 
@@ -122,60 +110,91 @@ class ReceiptSigner:
     ) -> llm.SignedReceipt | llm.Refusal:
         """Sign ``end.receipt`` or refuse it, with the reason."""
         reason = self._problem(executor_address, request, completion, end)
-        if reason is not None:
-            self.last_refusal = reason
-            return llm.Refusal(end.request_id, reason)
         asked = end.receipt
-        assert asked is not None
-        domain = Domain(asked.chain_id, asked.contract)
-        self.ledger.add(executor_address, end.model, domain, end.usage)
+        if reason is not None or asked is None or self.domain is None:
+            self.last_refusal = reason or "no receipt was asked for"
+            return llm.Refusal(end.request_id, self.last_refusal)
+        totals = (asked.prompt_total, asked.completion_total)
         receipt = Receipt(
-            executor_address,
-            self.identity.address,
-            end.model,
-            asked.prompt_total,
-            asked.completion_total,
-            asked.deadline,
+            executor_address, self.identity.address, end.model, *totals, asked.deadline
         )
-        return llm.SignedReceipt(end.request_id, sign(self.identity, domain, receipt).signature)
+        signed = sign(self.identity, self.domain, receipt)
+        self.ledger.raise_to(
+            self.identity.address, executor_address, end.model, self.domain, totals
+        )
+        return llm.SignedReceipt(end.request_id, signed.signature)
 
     def _problem(
         self, executor_address: str, request: llm.Request, completion: str, end: llm.End
     ) -> str | None:
+        """Why ``end.receipt`` must not be signed, or None."""
         asked = end.receipt
         if asked is None:
             return "no receipt was asked for"
-        if asked.executor.lower() != executor_address.lower():
-            return f"receipt names executor {asked.executor}, not {executor_address}"
-        inflated = self._inflated(request, completion, end.usage)
-        if inflated is not None:
-            return inflated
+        return (
+            self._where_problem(executor_address, request, end, asked)
+            or self._usage_problem(request, completion, end, asked)
+            or self._base_problem(executor_address, end.model, asked)
+        )
+
+    def _where_problem(
+        self, executor: str, request: llm.Request, end: llm.End, asked: llm.ReceiptRequest
+    ) -> str | None:
+        """The chain, contract, executor and model the receipt is for."""
+        if self.domain is None:
+            return "this client is not configured for a chain (--chain-id and --contract)"
+        if (asked.chain_id, asked.contract.lower()) != (
+            self.domain.chain_id,
+            self.domain.contract.lower(),
+        ):
+            return (
+                f"receipt is for chain {asked.chain_id} contract {asked.contract}; this client "
+                f"signs only for chain {self.domain.chain_id} contract {self.domain.contract}"
+            )
+        if asked.executor.lower() != executor.lower():
+            return f"receipt names executor {asked.executor}, not {executor}"
+        if end.model != request.model:
+            return f"receipt is for model {end.model!r}; this client asked for {request.model!r}"
         now = time.time()
         if not now + MIN_DEADLINE_SECS <= asked.deadline <= now + MAX_DEADLINE_SECS:
             return "receipt deadline out of range"
-        domain = Domain(asked.chain_id, asked.contract)
-        done_p, done_c = self.ledger.accepted(executor_address, end.model, domain)
-        if (
-            asked.prompt_total > done_p + end.usage.prompt_tokens
-            or asked.completion_total > done_c + end.usage.completion_tokens
-        ):
-            return (
-                "running totals exceed what this client accepted: "
-                f"asked {asked.prompt_total}/{asked.completion_total}, "
-                f"accepted {done_p + end.usage.prompt_tokens}/"
-                f"{done_c + end.usage.completion_tokens}"
-            )
         return None
 
-    def _inflated(self, request: llm.Request, completion: str, usage: llm.Usage) -> str | None:
-        own_prompt, own_completion = counted_prompt(request), count_text(completion)
-        if not self.tolerance.prompt_ok(usage.prompt_tokens, own_prompt):
+    @staticmethod
+    def _usage_problem(
+        request: llm.Request, completion: str, end: llm.End, asked: llm.ReceiptRequest
+    ) -> str | None:
+        """The usage must be the exact billing count, and the totals add it to the base."""
+        if not completion:
+            return "the answer was empty"
+        own = counted_usage(request, completion)
+        if end.usage != own:
             return (
-                f"inflated usage: {usage.prompt_tokens} prompt tokens claimed, {own_prompt} counted"
+                f"usage {end.usage.prompt_tokens}/{end.usage.completion_tokens} is not the "
+                f"billing count {own.prompt_tokens}/{own.completion_tokens} (prompt/completion)"
             )
-        if not self.tolerance.completion_ok(usage.completion_tokens, own_completion):
-            return (
-                f"inflated usage: {usage.completion_tokens} completion tokens claimed, "
-                f"{own_completion} counted"
-            )
+        base = asked.base
+        if (asked.prompt_total, asked.completion_total) != (
+            base[0] + own.prompt_tokens,
+            base[1] + own.completion_tokens,
+        ):
+            return "running totals are not the previous totals plus this request"
         return None
+
+    def _base_problem(self, executor: str, model: str, asked: llm.ReceiptRequest) -> str | None:
+        """Whether the totals the request adds to are ones this client signed."""
+        assert self.domain is not None
+        mine = self.ledger.signed(self.identity.address, executor, model, self.domain)
+        base, previous = asked.base, asked.previous
+        if base[0] <= mine[0] and base[1] <= mine[1]:
+            return None
+        if previous is not None:
+            earlier = Receipt(
+                executor, self.identity.address, model, *base, previous.deadline, previous.signature
+            )
+            if signer_of(self.domain, earlier) == self.identity.address:
+                return None
+        return (
+            f"previous totals {base[0]}/{base[1]} exceed what this client signed "
+            f"({mine[0]}/{mine[1]}) and carry no signature of its own"
+        )

@@ -23,6 +23,7 @@ from lloom.client.receipts import ReceiptSigner
 from lloom.errors import (
     AllExecutorsFailed,
     DialError,
+    LloomError,
     NetworkError,
     PartialResponseError,
     PeerTimeout,
@@ -34,7 +35,7 @@ from lloom.framing import DEFAULT_MAX_FRAME
 from lloom.identity import address_from_peer_id
 from lloom.node.node import Node
 from lloom.node.streams import FramedStream
-from lloom.protocol import llm
+from lloom.protocol import billing, llm
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +99,6 @@ class StreamPool:
         self._idle.clear()
 
 
-def _text_of(data: dict[str, Any]) -> str:
-    """Generated text in a chunk or a complete response."""
-    parts = []
-    for choice in data.get("choices") or []:
-        holder = choice.get("delta") or choice.get("message") or {}
-        parts.append(str(holder.get("content") or choice.get("text") or ""))
-    return "".join(parts)
-
-
 async def _answer_receipt(
     framed: FramedStream,
     *,
@@ -148,12 +140,12 @@ async def _exchange(
         match msg:
             case llm.Chunk(data=data):
                 chunks += 1
-                text.append(_text_of(data))
+                text.append(billing.delivered_text(data))
                 if on_chunk is not None:
                     await on_chunk(data)
             case llm.Response(data=data):
                 response = data
-                text.append(_text_of(data))
+                text.append(billing.delivered_text(data))
             case llm.End():
                 if msg.receipt is not None:
                     await _answer_receipt(
@@ -235,14 +227,9 @@ async def _finish(framed: FramedStream, pool: StreamPool | None, peer_id: ID) ->
         await framed.close()
 
 
-def retryable(exc: Exception) -> bool:
-    """Whether another executor may succeed after ``exc``."""
-    if isinstance(exc, RemoteError):
-        try:
-            return llm.ErrorCode(exc.code).retryable
-        except ValueError:
-            return True
-    return isinstance(exc, NetworkError | ProtocolError)
+def retryable(exc: LloomError) -> bool:
+    """Whether another executor may succeed after ``exc`` (see :mod:`lloom.errors`)."""
+    return exc.retryable
 
 
 async def request_with_failover(

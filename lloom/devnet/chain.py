@@ -6,8 +6,8 @@ from web3 import Web3
 from web3.exceptions import Web3Exception
 
 from lloom.chain.contract import artifact, connect
-from lloom.chain.tx import ChainError, deploy
-from lloom.errors import DevnetError
+from lloom.chain.tx import deploy
+from lloom.errors import ChainError, DevnetError
 from lloom.identity import Identity
 
 #: What a devnet account is topped up to on every start (anvil's fake ether).

@@ -11,12 +11,13 @@ from typing import IO
 from lloom.devnet.layout import KEY_ROLES, Layout
 from lloom.errors import DevnetError
 from lloom.identity import Identity
+from lloom.paths import private_dir
 
 
 @contextmanager
 def locked(layout: Layout) -> Iterator[None]:
     """Hold the data dir's lock; a second devnet on the same dir gets a clear error."""
-    layout.root.mkdir(parents=True, exist_ok=True)
+    private_dir(layout.root)
     handle: IO[str] = layout.lock.open("a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -39,9 +40,7 @@ def locked(layout: Layout) -> Iterator[None]:
 
 def ensure_keys(layout: Layout) -> dict[str, Identity]:
     """Every role's identity; created (mode 0600, folder 0700) on the first run, then reused."""
-    folder = layout.key("any").parent
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder.chmod(0o700)
+    private_dir(layout.key("any").parent)
     keys = {}
     for role in KEY_ROLES:
         path = layout.key(role)

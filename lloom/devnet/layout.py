@@ -221,14 +221,14 @@ def summary(running: Running, state: DevnetState, root: Path, took: float) -> st
             f"  gateway    {running.gateway_url} (OpenAI-compatible)",
             f"  logs       {root / 'logs'}",
             "",
-            snippets(running, str(state.contract), running.pid),
+            snippets(running, str(state.contract), running.pid, state.chain_id),
             "",
             "Ctrl-C stops everything.",
         ]
     )
 
 
-def snippets(running: Running, contract: str, devnet_pid: int) -> str:
+def snippets(running: Running, contract: str, devnet_pid: int, chain_id: int | None = None) -> str:
     """The ready-to-paste commands printed once the devnet is up."""
     base = running.gateway_url
     body = json.dumps({"model": running.model, "messages": [{"role": "user", "content": "Hello!"}]})
@@ -246,6 +246,7 @@ def snippets(running: Running, contract: str, devnet_pid: int) -> str:
             running.validator,
             "--key-file",
             running.cli_key_file,
+            *(["--chain-id", str(chain_id), "--contract", contract] if chain_id else []),
             "--model",
             running.model,
             "--prompt",

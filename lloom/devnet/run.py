@@ -46,6 +46,7 @@ from lloom.devnet.tools import (
 )
 from lloom.errors import DevnetError, LloomError
 from lloom.identity import Identity
+from lloom.paths import private_file
 from lloom.readyline import ReadyLine
 
 #: Steps shown as [n/STEPS].
@@ -202,7 +203,7 @@ class Devnet:
         backend_url = await self._model()
         validator = await self._validator()
         executor = await self._executor(validator, backend_url, rpc_url, contract)
-        gateway_url = await self._gateway(validator)
+        gateway_url = await self._gateway(validator, contract)
         assert self.sup is not None
         running = Running(
             pid=os.getpid(),
@@ -348,7 +349,7 @@ class Devnet:
                 settle_interval=o.settle_interval,
                 api_key_env=o.backend_api_key_env,
             )
-            self.layout.executor_config.write_text(text, encoding="utf-8")
+            private_file(self.layout.executor_config).write_text(text, encoding="utf-8")
             argv = [
                 lloom_script("lloom-executor"),
                 "--key-file",
@@ -362,7 +363,7 @@ class Devnet:
             ready = await self._ready(child, "its ready line")
         return ready
 
-    async def _gateway(self, validator: str) -> str:
+    async def _gateway(self, validator: str, contract: str) -> str:
         o = self.options
         async with self._step(6, "Starting the gateway"):
             argv = [
@@ -370,6 +371,10 @@ class Devnet:
                 "gateway",
                 "--key-file",
                 str(self.layout.key("gateway")),
+                "--chain-id",
+                str(self.state.chain_id),
+                "--contract",
+                contract,
                 "--bootstrap-nodes",
                 validator,
                 "--listen",

@@ -25,6 +25,7 @@ not JSON / not SSE / error event in SSE    BackendError (or BackendHTTPError)
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +40,18 @@ from lloom.errors import BackendError, BackendHTTPError, BackendTimeout, Backend
 MAX_MESSAGE = 500
 #: The SSE data that ends an OpenAI stream.
 DONE = "[DONE]"
+#: Secrets a backend may echo in an error: bearer tokens and OpenAI-style keys.
+_SECRETS = re.compile(r"(?i)(bearer\s+)[^\s\"',]+|\b(sk-)[A-Za-z0-9_\-]{6,}")
+
+
+def redact(text: str, secret: str | None = None) -> str:
+    """``text`` with ``secret`` and anything shaped like an API key replaced by ``***``.
+
+    Backend error texts are only ever logged locally, and even there without keys.
+    """
+    if secret:
+        text = text.replace(secret, "***")
+    return _SECRETS.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +62,8 @@ class BackendSpec:
     ``api_key`` is sent as ``Authorization: Bearer …`` and never appears in ``repr``.
     ``models`` maps network model ids to the backend's own ids. ``timeout`` (seconds)
     bounds connecting and each wait for the next piece of the answer.
+    ``allow_remote_media`` lets requests name remote image or audio URLs, for backends that
+    do not fetch them (or fetch them safely); off, only inline ``data:`` URLs pass.
     """
 
     name: str
@@ -56,6 +71,8 @@ class BackendSpec:
     api_key: str | None = field(default=None, repr=False)
     models: Mapping[str, str] = field(default_factory=dict)
     timeout: float = 120.0
+    #: Let http(s) image and audio URLs reach this backend (off: only inline data: URLs).
+    allow_remote_media: bool = False
 
 
 class OpenAIBackend:
@@ -138,7 +155,7 @@ class OpenAIBackend:
     def _json_object(self, response: httpx.Response) -> dict[str, Any]:
         """A read response's JSON object; HTTP errors and non-objects raise."""
         if response.status_code >= 400:
-            raise BackendHTTPError(response.status_code, _error_message(response))
+            raise BackendHTTPError(response.status_code, self._message(response))
         try:
             data = response.json()
         except ValueError:
@@ -184,7 +201,7 @@ class OpenAIBackend:
             response = source.response
             if response.status_code >= 400:
                 await response.aread()
-                raise BackendHTTPError(response.status_code, _error_message(response))
+                raise BackendHTTPError(response.status_code, self._message(response))
             done = False
             async with aclosing(source.aiter_sse()) as events:
                 async for event in events:
@@ -210,8 +227,11 @@ class OpenAIBackend:
         if "error" in data and "choices" not in data:
             # vLLM and OpenAI report failures after the headers as an error event.
             message = _openai_error(data) or json.dumps(data)[:MAX_MESSAGE]
-            raise BackendHTTPError(502, message)
+            raise BackendHTTPError(502, redact(message[:MAX_MESSAGE], self.spec.api_key))
         return data
+
+    def _message(self, response: httpx.Response) -> str:
+        return redact(_error_message(response)[:MAX_MESSAGE], self.spec.api_key)
 
 
 def _openai_error(body: object) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -99,7 +100,15 @@ async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig
                 book, settler = chain_parts(identity, config, store)
                 if book is not None and settler is not None:
                     await learn_domain(book, settler)
-                handler = RequestHandler(backends, AsyncUsageStore(store), config.limits, book)
+                handler = RequestHandler(
+                    backends,
+                    AsyncUsageStore(store),
+                    config.limits,
+                    book,
+                    remote_media_models=frozenset(
+                        m for b in config.backends if b.allow_remote_media for m in b.models
+                    ),
+                )
                 async with open_node(identity, node_cfg) as node, trio.open_nursery() as nursery:
                     install(node, handler)
                     if settler is not None and config.chain is not None:
@@ -113,7 +122,7 @@ async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig
                         resumed = trio.Event()
                         nursery.start_soon(on_sigusr1, trigger)
                         nursery.start_soon(
-                            settle_forever,
+                            partial(settle_forever, metrics=handler.metrics),
                             settler,
                             book,
                             config.chain.batch_interval_secs,

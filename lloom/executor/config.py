@@ -21,7 +21,7 @@ from lloom.dhtkeys import validate_model_id
 from lloom.errors import ConfigError, UsageError
 from lloom.executor.backend import BackendSpec
 from lloom.executor.handler import Limits
-from lloom.paths import default_data_dir
+from lloom.paths import default_data_dir, exposed_to_others
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
@@ -46,8 +46,9 @@ class ChainSection:
     batch_interval_secs: float = 300.0
     confirmations: int = 1
     mode: str = "verified"
-    #: Refuse clients with more unsigned (refused or missing) receipts than this.
-    max_unsigned_requests: int | None = None
+    #: Refuse a client with more unsigned (refused or missing) receipts than this since
+    #: its last signed one.
+    max_unsigned_requests: int = 8
 
 
 @dataclass(frozen=True)
@@ -162,14 +163,18 @@ def _backend(source: str, index: int, table: object, env: Mapping[str, str]) -> 
             raise r.error(f"environment variable {key_env} is not set", "api_key_env")
     models = _models(r)
     timeout = r.positive("timeout_secs", 120.0)
+    remote_media = r.get("allow_remote_media", bool, False)
     r.finish()
-    return BackendSpec(name, base_url, api_key, models, float(timeout))
+    return BackendSpec(name, base_url, api_key, models, float(timeout), remote_media)
 
 
 def _limits(source: str, table: object) -> Limits:
     r = _Reader(source, "limits", table)
     limits = Limits(
         max_concurrent_requests=r.positive("max_concurrent_requests", 16, integer=True),
+        max_requests_per_peer=r.positive("max_requests_per_peer", 8, integer=True),
+        max_streams_per_peer=r.positive("max_streams_per_peer", 32, integer=True),
+        max_tokens=r.positive("max_tokens", 4096, integer=True),
         request_timeout_secs=float(r.positive("request_timeout_secs", 300.0)),
         max_request_bytes=r.positive("max_request_bytes", 1_048_576, integer=True),
         keepalive_secs=float(r.positive("keepalive_secs", 60.0)),
@@ -208,8 +213,8 @@ def _chain(source: str, table: object) -> ChainSection:
     mode = r.get("mode", str, "verified")
     if mode not in ("verified", "unverified"):
         raise r.error("must be 'verified' or 'unverified'", "mode")
-    max_unsigned = r.get("max_unsigned_requests", int, None)
-    if max_unsigned is not None and max_unsigned < 0:
+    max_unsigned = r.get("max_unsigned_requests", int, 8)
+    if max_unsigned < 0:
         raise r.error("must be zero or more", "max_unsigned_requests")
     chain = ChainSection(
         rpc_url,
@@ -259,4 +264,9 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> ExecutorCon
         raise ConfigError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    return parse_config(text, str(path), env)
+    config = parse_config(text, str(path), env)
+    inline_key = any("api_key" in table for table in tomllib.loads(text).get("backends", []))
+    exposed = exposed_to_others(path) if inline_key else None
+    if exposed is not None:
+        raise ConfigError(f"config file {exposed} (or use api_key_env)")
+    return config

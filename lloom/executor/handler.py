@@ -23,20 +23,23 @@ from lloom.errors import (
     BackendError,
     BackendHTTPError,
     BackendTimeout,
-    BackendUnreachable,
     FrameTooLarge,
+    InternalError,
+    LloomError,
     NetworkError,
+    PeerInputError,
     PeerTimeout,
     ProtocolError,
-    UsageError,
+    Refused,
+    as_lloom_error,
 )
 from lloom.executor.metrics import ExecutorMetrics
 from lloom.executor.receipts import ReceiptBook
 from lloom.executor.usage import UsageRecord
 from lloom.node.streams import FramedStream
-from lloom.protocol import llm, openai_body
+from lloom.protocol import billing, llm, openai_body
 from lloom.protocol.llm import ErrorCode, RequestKind
-from lloom.tokens import count_chat_prompt, count_text
+from lloom.protocol.openai_body import Policy
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +67,8 @@ class Backend(Protocol):
 class UsageSink(Protocol):
     """Where completed requests are recorded, durably, before the client is told."""
 
-    async def record(self, rec: UsageRecord) -> tuple[int, int]:
-        """Store one record; return only once it is durable, with the channel's running
-        (prompt, completion) totals."""
+    async def record(self, rec: UsageRecord, asked: llm.ReceiptRequest | None) -> None:
+        """Store one record with the receipt asked for it; return once it is durable."""
         ...
 
 
@@ -75,6 +77,12 @@ class Limits:
     """Per-executor limits."""
 
     max_concurrent_requests: int = 16
+    #: Requests one peer may have running at once (the rest of the slots stay for others).
+    max_requests_per_peer: int = 8
+    #: Streams one peer may hold open at once (idle ones included).
+    max_streams_per_peer: int = 32
+    #: Most completion tokens one request may ask for; larger or missing is set to this.
+    max_tokens: int = 4096
     request_timeout_secs: float = 300.0
     max_request_bytes: int = 1_048_576
     #: How long a client may take to send its request after opening the stream.
@@ -85,16 +93,30 @@ class Limits:
     receipt_timeout_secs: float = 10.0
 
 
-class RequestFailed(Exception):
-    """Internal: carries the error frame to send."""
+#: What a peer is told when a backend fails; the backend's own text stays in the local log
+#: (it may hold internal addresses or echoed keys).
+_BACKEND_MESSAGES = {
+    ErrorCode.BACKEND_UNREACHABLE: "the executor's backend is unreachable",
+    ErrorCode.BACKEND_TIMEOUT: "the executor's backend timed out",
+    ErrorCode.BACKEND_ERROR: "the executor's backend failed",
+}
 
-    def __init__(self, error: llm.Error) -> None:
-        super().__init__(error.message)
-        self.error = error
 
-
-def _fail(code: ErrorCode, message: str, status: int = 0) -> RequestFailed:
-    return RequestFailed(llm.Error(code, message, status))
+def error_frame(exc: LloomError) -> llm.Error:
+    """The ``error`` frame a peer gets for ``exc``: a code and a message that reveals
+    nothing of the executor (peer input errors and refusals are about the peer's request)."""
+    code = exc.error_code
+    status = 0
+    if isinstance(exc, PeerInputError | Refused):
+        message = str(exc)
+    elif isinstance(exc, BackendError):
+        message = _BACKEND_MESSAGES.get(code, "the executor's backend failed")
+        if isinstance(exc, BackendHTTPError) and 400 <= exc.status < 500:
+            status = exc.status
+            message = f"the executor's backend refused the request (HTTP {exc.status})"
+    else:
+        code, message = ErrorCode.INTERNAL, "internal error"
+    return llm.Error(code, message, status)
 
 
 @dataclass
@@ -106,7 +128,12 @@ class _Outcome:
 
 
 class RequestHandler:
-    """Serves ``/lloom/llm/1.0.0`` requests with a set of backends."""
+    """Serves ``/lloom/llm/1.0.0`` requests with a set of backends.
+
+    Every request runs inside a boundary: whatever it raises becomes one ``error`` frame
+    and one log line, and the stream (or, at worst, only the stream) ends; nothing a peer
+    sends reaches the node's task group.
+    """
 
     def __init__(
         self,
@@ -115,13 +142,20 @@ class RequestHandler:
         limits: Limits,
         receipts: ReceiptBook | None = None,
         metrics: ExecutorMetrics | None = None,
+        *,
+        remote_media_models: frozenset[str] = frozenset(),
     ) -> None:
         self.metrics = metrics or ExecutorMetrics()
         self.backends = dict(backends)
         self.usage = usage
         self.limits = limits
         self.receipts = receipts
+        self.remote_media_models = remote_media_models
         self._slots = trio.Semaphore(limits.max_concurrent_requests)
+        self._per_peer: dict[str, int] = {}
+        self._streams: dict[str, int] = {}
+        #: Per channel (client, model): its lock and how many requests use it.
+        self._channels: dict[tuple[str, str], tuple[trio.Lock, int]] = {}
         self.active = 0
         self.served = 0
 
@@ -130,74 +164,112 @@ class RequestHandler:
         """Network model ids served, sorted."""
         return sorted(self.backends)
 
+    def policy(self, model: str) -> Policy:
+        """What may reach the backend of ``model``."""
+        return Policy(self.limits.max_tokens, model in self.remote_media_models)
+
     async def handle(self, framed: FramedStream, client_address: str) -> None:
-        """Serve requests on ``framed`` for the client at ``client_address``.
+        """Serve requests on ``framed`` for the client at ``client_address``; never raises
+        (but for cancellation).
 
         A stream carries requests one after another: after a terminal message the client
         may send the next request, or close. The stream is closed when the client closes
-        it, stays idle longer than ``keepalive_secs``, or breaks the framing.
+        it, stays idle longer than ``keepalive_secs``, breaks the framing, or when the
+        client already holds ``max_streams_per_peer`` streams.
         """
+        open_streams = self._streams.get(client_address, 0)
+        if open_streams >= self.limits.max_streams_per_peer:
+            refusal = Refused(
+                ErrorCode.BUSY,
+                f"too many open streams from you ({self.limits.max_streams_per_peer} at most)",
+            )
+            await self._send_error(framed, refusal, client_address)
+            return await framed.discard()
+        self._streams[client_address] = open_streams + 1
+        try:
+            await self._serve_stream(framed, client_address)
+        except Exception as exc:  # the last boundary: log, drop this stream, carry on
+            self._log_failure(as_lloom_error(exc), exc, client_address)
+            await framed.reset()
+        finally:
+            left = self._streams[client_address] - 1
+            if left:
+                self._streams[client_address] = left
+            else:
+                del self._streams[client_address]
+
+    async def _serve_stream(self, framed: FramedStream, client_address: str) -> None:
         timeout = self.limits.first_frame_timeout_secs
         pending: bytes | None = None
         while True:
             try:
                 frame = pending if pending is not None else await framed.read_frame(timeout=timeout)
                 pending = None
-            except FrameTooLarge as exc:
-                # The framing is lost after a refused frame: answer, then close.
-                await self._send_error(framed, llm.Error(ErrorCode.TOO_LARGE, str(exc)))
-                return await framed.close()
-            except ProtocolError as exc:
-                error = llm.Error(ErrorCode.BAD_REQUEST, f"malformed frame: {exc}")
-                await self._send_error(framed, error)
-                return await framed.close()
-            except (PeerTimeout, NetworkError):
+            except (FrameTooLarge, ProtocolError) as exc:
+                # The framing is lost after a refused frame: answer, then drop the rest.
+                await self._send_error(framed, exc, client_address)
+                return await framed.discard()
+            except NetworkError:  # a timeout, or the client reset the stream
                 return await framed.reset()
             if frame is None:
                 return await framed.close()
             try:
                 pending = await self._one(framed, frame, client_address)
-            except RequestFailed as failed:
-                if not await self._send_error(framed, failed.error):
-                    return await framed.reset()
             except NetworkError as exc:
                 logger.info("client %s went away: %s", client_address, exc)
                 return await framed.reset()
+            except Exception as exc:  # a request's boundary: one error frame, one log line
+                if not await self._send_error(framed, exc, client_address):
+                    return await framed.reset()
             timeout = self.limits.keepalive_secs
 
     async def _one(self, framed: FramedStream, frame: bytes, client_address: str) -> bytes | None:
         """Serve one request; return a next request that arrived in place of a receipt."""
-        request = self._parse(frame)
+        request, client_limit = self._parse(frame)
         backend = self.backends.get(request.model)
         if backend is None:
-            raise _fail(
+            raise Refused(
                 ErrorCode.UNKNOWN_MODEL,
                 f"model {request.model!r} is not served here; served: " + ", ".join(self.models),
+            )
+        mine = self._per_peer.get(client_address, 0)
+        if mine >= self.limits.max_requests_per_peer:
+            raise Refused(
+                ErrorCode.BUSY,
+                f"you have {mine} requests running here "
+                f"({self.limits.max_requests_per_peer} at most per client)",
             )
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
-            raise _fail(
+            raise Refused(
                 ErrorCode.BUSY,
                 f"executor busy ({self.limits.max_concurrent_requests} requests running)",
             ) from None
-        if self.receipts is not None and await self.receipts.blocked(client_address):
-            self._slots.release()
-            raise _fail(
-                ErrorCode.RECEIPT_REQUIRED,
-                "too many of your requests are unsigned; sign receipts to be served",
-            )
-        self.active += 1
-        self.metrics.active.inc()
+        self._per_peer[client_address] = mine + 1
         try:
-            record, asked = await self._serve(framed, request, backend, client_address)
+            if self.receipts is not None and await self.receipts.blocked(client_address):
+                raise Refused(
+                    ErrorCode.RECEIPT_REQUIRED,
+                    "too many of your requests are unsigned; sign receipts to be served",
+                )
+            self.active += 1
+            self.metrics.active.inc()
+            try:
+                record, backend_usage = await self._serve(
+                    framed, request, backend, client_address, client_limit
+                )
+            finally:
+                self.active -= 1
+                self.metrics.active.dec()
         finally:
-            self.active -= 1
-            self.metrics.active.dec()
             self._slots.release()
-        if asked is None or self.receipts is None:
-            return None
-        return await self._collect_receipt(framed, record, asked)
+            left = self._per_peer[client_address] - 1
+            if left:
+                self._per_peer[client_address] = left
+            else:
+                del self._per_peer[client_address]
+        return await self._finish(framed, record, backend_usage)
 
     async def _collect_receipt(
         self, framed: FramedStream, record: UsageRecord, asked: llm.ReceiptRequest
@@ -216,23 +288,28 @@ class RequestHandler:
         await self.receipts.settle_answer(record, asked, answer)
         return leftover
 
-    @staticmethod
-    def _parse(frame: bytes) -> llm.Request:
-        try:
-            msg = llm.decode(frame)
-        except ProtocolError as exc:
-            raise _fail(ErrorCode.BAD_REQUEST, str(exc)) from None
+    def _parse(self, frame: bytes) -> tuple[llm.Request, int | None]:
+        """The request as it goes to the backend, and the completion limit the client
+        itself asked for (the billing cap; the policy may clamp the backend's lower)."""
+        msg = llm.decode(frame)
         if not isinstance(msg, llm.Request):
-            raise _fail(ErrorCode.BAD_REQUEST, "expected a request message")
-        try:
-            body = openai_body.normalize(msg.kind, msg.body)
-        except UsageError as exc:
-            raise _fail(ErrorCode.BAD_REQUEST, str(exc)) from None
-        return llm.Request(msg.kind, body)
+            raise ProtocolError(f"expected a request message, not {type(msg).__name__}")
+        model = msg.body.get("model")
+        policy = self.policy(model) if isinstance(model, str) else Policy(self.limits.max_tokens)
+        asked = openai_body.normalize(msg.kind, msg.body)
+        body = openai_body.normalize(msg.kind, msg.body, policy)
+        return llm.Request(msg.kind, body, msg.request_id), openai_body.completion_limit(asked)
 
     async def _serve(
-        self, framed: FramedStream, request: llm.Request, backend: Backend, client: str
-    ) -> tuple[UsageRecord, llm.ReceiptRequest | None]:
+        self,
+        framed: FramedStream,
+        request: llm.Request,
+        backend: Backend,
+        client: str,
+        client_limit: int | None,
+    ) -> tuple[UsageRecord, llm.Usage | None]:
+        """Stream the answer; return the usage record (not yet stored) and the backend's
+        own usage report."""
         started = time.time()
         try:
             with trio.fail_after(self.limits.request_timeout_secs):
@@ -241,41 +318,53 @@ class RequestHandler:
                 else:
                     outcome = await self._complete(framed, request, backend)
         except trio.TooSlowError:
-            raise _fail(
-                ErrorCode.BACKEND_TIMEOUT,
-                f"request exceeded {self.limits.request_timeout_secs:g} s",
+            raise BackendTimeout(
+                f"request exceeded {self.limits.request_timeout_secs:g} s"
             ) from None
-        except BackendHTTPError as exc:
-            status = exc.status if 400 <= exc.status < 500 else 0
-            raise _fail(ErrorCode.BACKEND_ERROR, str(exc), status) from None
-        except BackendUnreachable as exc:
-            raise _fail(ErrorCode.BACKEND_UNREACHABLE, str(exc)) from None
-        except BackendTimeout as exc:
-            raise _fail(ErrorCode.BACKEND_TIMEOUT, str(exc)) from None
-        except BackendError as exc:
-            raise _fail(ErrorCode.BACKEND_ERROR, str(exc)) from None
-        usage, source = outcome.usage, "backend"
-        if usage is None:
-            usage, source = self._count(request, outcome.text), "counted"
         record = UsageRecord(
             request_id=uuid.uuid4().hex,
             client_address=client,
             model=request.model,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
+            prompt_tokens=billing.prompt_tokens(request.kind, request.body),
+            completion_tokens=billing.completion_tokens(outcome.text, client_limit),
             created_at=started,
+            client_request_id=request.request_id,
         )
-        totals = await self.usage.record(record)
         self.served += 1
         self.metrics.requests.labels(request.model).inc()
-        self.metrics.tokens.labels(request.model, "prompt").inc(usage.prompt_tokens)
-        self.metrics.tokens.labels(request.model, "completion").inc(usage.completion_tokens)
+        self.metrics.tokens.labels(request.model, "prompt").inc(record.prompt_tokens)
+        self.metrics.tokens.labels(request.model, "completion").inc(record.completion_tokens)
         self.metrics.latency.labels(request.model).observe(time.time() - started)
-        asked = self.receipts.request_for(totals) if self.receipts is not None else None
-        await framed.write_frame(
-            llm.encode(llm.End(record.request_id, request.model, usage, source, asked))
-        )
-        return record, asked
+        return record, outcome.usage
+
+    async def _finish(
+        self, framed: FramedStream, record: UsageRecord, backend_usage: llm.Usage | None
+    ) -> bytes | None:
+        """Store the usage, end the request and collect its receipt, one request of a
+        channel (client, model) at a time: each receipt asked adds to the last one signed,
+        so two requests whose ends crossed can never ask for overlapping totals. Returns a
+        next request that arrived in place of a receipt."""
+        key = (record.client_address, record.model)
+        lock, users = self._channels.get(key, (trio.Lock(), 0))
+        self._channels[key] = (lock, users + 1)
+        try:
+            async with lock:
+                asked = None
+                if self.receipts is not None:
+                    asked = await self.receipts.request_for(record)
+                await self.usage.record(record, asked)
+                usage = llm.Usage(record.prompt_tokens, record.completion_tokens)
+                end = llm.End(record.request_id, record.model, usage, backend_usage, asked)
+                await framed.write_frame(llm.encode(end))
+                if asked is None:
+                    return None
+                return await self._collect_receipt(framed, record, asked)
+        finally:
+            lock, users = self._channels[key]
+            if users > 1:
+                self._channels[key] = (lock, users - 1)
+            else:
+                del self._channels[key]
 
     async def _complete(
         self, framed: FramedStream, request: llm.Request, backend: Backend
@@ -285,7 +374,7 @@ class RequestHandler:
         else:
             data = await backend.completions(request.body)
         await framed.write_frame(llm.encode(llm.Response(data)))
-        return _Outcome(_response_text(data), _maybe_usage(data.get("usage")))
+        return _Outcome(billing.delivered_text(data), _maybe_usage(data.get("usage")))
 
     async def _stream(
         self, framed: FramedStream, request: llm.Request, backend: Backend
@@ -303,28 +392,39 @@ class RequestHandler:
                     usage = _maybe_usage(chunk["usage"]) or usage
                 if not chunk.get("choices"):
                     continue  # the usage-only chunk; usage travels in the end frame
-                parts.append(_chunk_text(chunk))
+                parts.append(billing.delivered_text(chunk))
                 await framed.write_frame(llm.encode(llm.Chunk(chunk)))
         return _Outcome("".join(parts), usage)
 
-    def _count(self, request: llm.Request, completion: str) -> llm.Usage:
-        body = request.body
-        if request.kind is RequestKind.CHAT:
-            prompt = count_chat_prompt(body["messages"])
-        else:
-            p = body["prompt"]
-            prompt = sum(count_text(x) for x in p) if isinstance(p, list) else count_text(p)
-        return llm.Usage(prompt, count_text(completion))
-
-    async def _send_error(self, framed: FramedStream, error: llm.Error) -> bool:
-        """Send an error frame; False if the client is gone."""
-        logger.info("request failed: %s: %s", error.code.value, error.message)
-        self.metrics.errors.labels(error.code.value).inc()
+    async def _send_error(
+        self, framed: FramedStream, exc: BaseException, client_address: str
+    ) -> bool:
+        """Log ``exc`` once and send its error frame; False if the client is gone."""
+        error = as_lloom_error(exc)
+        self._log_failure(error, exc, client_address)
+        frame = error_frame(error)
+        self.metrics.errors.labels(frame.code.value).inc()
         try:
-            await framed.write_frame(llm.encode(error))
+            await framed.write_frame(llm.encode(frame))
         except NetworkError:
             return False
         return True
+
+    @staticmethod
+    def _log_failure(error: LloomError, exc: BaseException, client_address: str) -> None:
+        """One log line per failed request; a traceback only for lloom's own bugs."""
+        if isinstance(error, InternalError):
+            logger.error(
+                "request from %s failed: unexpected %s: %s",
+                client_address,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+        elif isinstance(error, PeerInputError | Refused):
+            logger.info("request from %s refused: %s: %s", client_address, error.code, error)
+        else:
+            logger.warning("request from %s failed: %s: %s", client_address, error.code, error)
 
 
 def _maybe_usage(obj: object) -> llm.Usage | None:
@@ -336,21 +436,3 @@ def _maybe_usage(obj: object) -> llm.Usage | None:
     except ProtocolError:
         logger.warning("backend reported malformed usage; counting tokens instead")
         return None
-
-
-def _response_text(data: Mapping[str, Any]) -> str:
-    """The generated text of a complete chat or legacy completion object."""
-    parts: list[str] = []
-    for choice in data.get("choices") or []:
-        message = choice.get("message") or {}
-        parts.append(str(message.get("content") or choice.get("text") or ""))
-    return "".join(parts)
-
-
-def _chunk_text(chunk: Mapping[str, Any]) -> str:
-    """The text a stream chunk adds."""
-    parts: list[str] = []
-    for choice in chunk.get("choices") or []:
-        delta = choice.get("delta") or {}
-        parts.append(str(delta.get("content") or choice.get("text") or ""))
-    return "".join(parts)

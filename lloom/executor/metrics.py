@@ -48,6 +48,11 @@ class ExecutorMetrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
+        self.settlement_halted = Gauge(
+            "lloom_executor_settlement_halted",
+            "1 while settlement cannot proceed (chain reset, no contract at the address)",
+            registry=self.registry,
+        )
         self.active = Gauge(
             "lloom_executor_active_requests", "Requests being served", registry=self.registry
         )

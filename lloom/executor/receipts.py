@@ -1,7 +1,9 @@
 """The executor's side of client-signed receipts.
 
 After each request the executor asks the client to sign the channel's running totals
-(:class:`~lloom.protocol.llm.ReceiptRequest` in the ``end`` message). A signature is checked
+(:class:`~lloom.protocol.llm.ReceiptRequest` in the ``end`` message): the last totals the
+client signed, plus this request. Refused or missing receipts never enter them, so one
+refusal does not stop a channel. A signature is checked
 (it must recover to the client and cover exactly the totals asked) and the best one per
 channel is kept for settlement. Each usage row notes what became of its receipt:
 ``signed``, ``refused: <reason>`` or ``missing``.
@@ -42,26 +44,42 @@ class ReceiptBook:
         self.max_unsigned = max_unsigned
         self.deadline_secs = deadline_secs
 
-    def request_for(self, totals: tuple[int, int]) -> llm.ReceiptRequest | None:
-        """The receipt to ask for after a request, or None while the chain is unknown."""
+    async def request_for(self, rec: UsageRecord) -> llm.ReceiptRequest | None:
+        """The receipt to ask for ``rec``, or None while the chain is unknown: the last
+        totals the client signed on the channel (sent along, with its signature, so a client
+        that lost its own record can check them) plus ``rec``'s usage."""
         if self.domain is None:
             return None
+        rows = await trio.to_thread.run_sync(
+            self.store.execute,
+            "SELECT prompt_total, completion_total, deadline, signature FROM receipts "
+            "WHERE client_address = ? AND model = ?",
+            (rec.client_address, rec.model),
+        )
+        previous = None
+        if rows:
+            prompt, completion, deadline, signature = rows[0]
+            previous = llm.SignedTotals(prompt, completion, deadline, bytes(signature))
+        base = (0, 0) if previous is None else (previous.prompt_total, previous.completion_total)
         return llm.ReceiptRequest(
             self.executor,
             self.domain.chain_id,
             self.domain.contract,
-            totals[0],
-            totals[1],
+            base[0] + rec.prompt_tokens,
+            base[1] + rec.completion_tokens,
             int(time.time()) + self.deadline_secs,
+            previous,
         )
 
     async def unsigned(self, client: str) -> int:
-        """Requests of ``client`` whose receipt was refused or never came."""
+        """Requests of ``client`` whose receipt was refused or never came, since its last
+        signed one (a client that signs again is served again)."""
         rows = await trio.to_thread.run_sync(
             self.store.execute,
             "SELECT COUNT(*) FROM usage WHERE client_address = ? AND receipt IS NOT NULL "
-            "AND receipt != 'signed'",
-            (client,),
+            "AND receipt != 'signed' AND created_at >= (SELECT COALESCE(MAX(created_at), 0) "
+            "FROM usage WHERE client_address = ? AND receipt = 'signed')",
+            (client, client),
         )
         return int(rows[0][0])
 

@@ -3,6 +3,7 @@ announcements (DHT keys for its role and models, load on gossipsub)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -29,6 +30,16 @@ def install(node: Node, handler: RequestHandler) -> None:
     """Serve ``handler`` on ``node`` for every incoming request stream."""
 
     async def on_stream(stream: INetStream) -> None:
+        # py-libp2p runs stream handlers in the node's task group: an exception escaping
+        # here would stop the executor. The handler has its own boundaries; this is the last.
+        try:
+            await _serve(stream)
+        except Exception as exc:
+            logger.error("stream handler failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+
+    async def _serve(stream: INetStream) -> None:
         framed = FramedStream(
             stream,
             max_frame=handler.limits.max_request_bytes,

@@ -8,6 +8,7 @@ import signal
 import trio
 
 from lloom.chain.receipts import Domain
+from lloom.executor.metrics import ExecutorMetrics
 from lloom.executor.receipts import ReceiptBook
 from lloom.executor.settlement import Settler
 
@@ -15,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 #: How often a round runs while a settlement is in flight or the RPC is failing.
 BUSY_INTERVAL = 1.0
+#: How often a round runs while there is no contract to settle on (a reset chain).
+HALTED_INTERVAL = 5.0
 
 
 class Trigger:
@@ -47,6 +50,8 @@ async def settle_forever(
     interval: float,
     trigger: Trigger,
     resumed: trio.Event | None = None,
+    *,
+    metrics: ExecutorMetrics | None = None,
 ) -> None:
     """Settle every ``interval`` seconds, when triggered, and quickly while busy.
 
@@ -56,12 +61,23 @@ async def settle_forever(
     """
     busy = False
     first = True
+    halted: str | None = None
     while True:
         if not first:
-            with trio.move_on_after(BUSY_INTERVAL if busy else interval):
+            wait = HALTED_INTERVAL if halted else BUSY_INTERVAL if busy else interval
+            with trio.move_on_after(wait):
                 await trigger.wait()
         try:
-            busy = await _round(settler, book)
+            busy, reason = await _round(settler, book)
+            if reason is not None and reason != halted:  # said loudly, once per state
+                logger.error("SETTLEMENT HALTED: %s", reason)
+                print(f"settlement halted: {reason}", flush=True)
+            elif reason is None and halted is not None:
+                logger.warning("settlement resumed: a contract is there again")
+                print("settlement resumed", flush=True)
+            halted = reason
+            if metrics is not None:
+                metrics.settlement_halted.set(0 if reason is None else 1)
         except Exception as exc:  # the RPC being down is expected; keep trying
             logger.warning("settlement round failed (will retry): %s", exc)
             busy = True
@@ -71,12 +87,14 @@ async def settle_forever(
             first = False
 
 
-async def _round(settler: Settler, book: ReceiptBook | None) -> bool:
-    """One settlement round; whether settlements are still in flight afterwards."""
+async def _round(settler: Settler, book: ReceiptBook | None) -> tuple[bool, str | None]:
+    """One settlement round; whether settlements are still in flight afterwards, and why
+    settlement is halted, if it is."""
     if book is not None and book.domain is None:
         chain_id = await trio.to_thread.run_sync(lambda: settler.w3.eth.chain_id)
         book.domain = Domain(chain_id, settler.contract.address)
     report = await trio.to_thread.run_sync(settler.round)
     for line in report.lines():
         print(line, flush=True)
-    return await trio.to_thread.run_sync(settler.in_flight) > 0
+    busy = await trio.to_thread.run_sync(settler.in_flight) > 0
+    return busy, report.halted

@@ -12,6 +12,15 @@ in flight) the :class:`Settler`
    ``max_batch``); in ``unverified`` mode one ``recordUsage`` transaction per usage row, the
    design's path, with consecutive nonces.
 
+Before anything else a round checks that the chain is still the one it settled on
+(:meth:`Settler.check_chain`): the same chain id and genesis block, and contract code at the
+address. A chain that was reset or replaced makes every settlement made on it ``lost``
+(its usage is unsettled again, so nothing leaves a nonce gap); with no contract at the
+address the round stops there, with :attr:`RoundReport.halted` saying why (loudly, once), and
+settlement resumes, with exact totals, once a contract is there again. A pending
+transaction whose nonce is above the account's next one can never be mined; it is ``lost``
+too.
+
 Every transaction is signed once and stored (raw bytes and hash, in the same SQLite file as
 the usage) *before* it is sent, so a SIGKILL at any point loses nothing: the next start
 resumes it. A timeout or a "nonce too low" answer is resolved by looking the transaction up
@@ -40,6 +49,8 @@ from lloom.identity import Identity
 logger = logging.getLogger(__name__)
 
 PENDING, CONFIRMED, REPLACED, FAILED = "pending", "confirmed", "replaced", "failed"
+#: A settlement made on a chain that was since reset or replaced.
+LOST = "lost"
 #: Receipts closer than this to their deadline are not sent (they could expire in the pool).
 DEADLINE_MARGIN_SECS = 120
 
@@ -53,6 +64,9 @@ class RoundReport:
     resent: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    #: Why settlement cannot proceed (no contract at the address), if it cannot.
+    halted: str | None = None
 
     def lines(self) -> list[str]:
         """One stdout line per event."""
@@ -60,6 +74,7 @@ class RoundReport:
         out += [f"settlement resent tx={h}" for h in self.resent]
         out += [f"settlement replaced tx={h}" for h in self.replaced]
         out += [f"settlement failed tx={h}" for h in self.failed]
+        out += [f"settlement lost tx={h} (chain reset; usage unsettled again)" for h in self.lost]
         out += [f"settlement confirmed tx={h} block={b} records={n}" for h, b, n in self.confirmed]
         return out
 
@@ -95,8 +110,14 @@ class Settler:
         return int(rows[0][0])
 
     def round(self) -> RoundReport:
-        """Advance settlements in flight; start a new batch when none is."""
+        """Check the chain, advance settlements in flight, start a new batch when none is.
+
+        While there is no contract to settle on, only the check runs and ``halted`` says why.
+        """
         report = RoundReport()
+        report.halted = self.check_chain(report)
+        if report.halted is not None:
+            return report
         for row in self.store.execute(
             "SELECT id, tx_hash, raw_tx, nonce, items FROM settlements "
             "WHERE status = ? ORDER BY nonce",
@@ -106,6 +127,61 @@ class Settler:
         if self.in_flight() == 0:
             self._start_batch(report)
         return report
+
+    # --- the chain itself -------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        rows = self.store.execute("SELECT value FROM chain_meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def check_chain(self, report: RoundReport) -> str | None:
+        """Make sure the chain still holds what was settled on it (see the module doc);
+        return why settlement cannot proceed, or None."""
+        chain = f"{self.w3.eth.chain_id}:{self.w3.eth.get_block(0)['hash'].to_0x_hex()}"
+        known = self._meta("chain")
+        if known is not None and known != chain:
+            self._lose(
+                "SELECT id, tx_hash FROM settlements WHERE status IN (?, ?)",
+                (PENDING, CONFIRMED),
+                report,
+            )
+            logger.error(
+                "the chain was reset or replaced (was %s, now %s): every settlement made on "
+                "it is lost and its usage will be settled again",
+                known,
+                chain,
+            )
+        if known != chain:
+            with self.store.transaction() as db:
+                db.execute(
+                    "INSERT INTO chain_meta VALUES ('chain', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (chain,),
+                )
+        if not self.w3.eth.get_code(self.contract.address):
+            return (
+                f"no contract at {self.contract.address} on chain {self.w3.eth.chain_id}: "
+                "was the chain reset? Settlement waits until the contract is deployed there "
+                "again; usage is kept"
+            )
+        # A pending transaction above the account's next nonce can never be mined.
+        next_nonce = self.w3.eth.get_transaction_count(self.address, "pending")
+        self._lose(
+            "SELECT id, tx_hash FROM settlements WHERE status = ? AND nonce > ?",
+            (PENDING, next_nonce),
+            report,
+        )
+        return None
+
+    def _lose(self, query: str, params: tuple[Any, ...], report: RoundReport) -> None:
+        rows = self.store.execute(query, params)
+        for sid, tx_hash in rows:
+            with self.store.transaction() as db:
+                db.execute("UPDATE settlements SET status = ? WHERE id = ?", (LOST, sid))
+                db.execute("UPDATE usage SET settlement_id = NULL WHERE settlement_id = ?", (sid,))
+            report.lost.append(tx_hash)
+
+    # --- settlements in flight ------------------------------------------------------------
 
     def _advance(self, row: tuple[Any, ...], report: RoundReport) -> None:
         sid, tx_hash, raw, nonce, items = row

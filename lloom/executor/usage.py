@@ -21,7 +21,9 @@ from typing import Any
 
 import trio
 
-from lloom.errors import LloomError
+from lloom.errors import StoreError
+from lloom.paths import private_file
+from lloom.protocol.llm import ReceiptRequest
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
@@ -72,10 +74,17 @@ MIGRATIONS: tuple[str, ...] = (
         block_hash   TEXT
     );
     """,
+    """
+    CREATE TABLE chain_meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    ALTER TABLE usage ADD COLUMN client_request_id TEXT;
+    """,
 )
 
 
-class UsageStoreError(LloomError):
+class UsageStoreError(StoreError):
     """The usage store refused a record or could not be opened."""
 
 
@@ -93,6 +102,8 @@ class UsageRecord:
     prompt_tokens: int
     completion_tokens: int
     created_at: float
+    #: The client's own id of the request (a gateway's ``x-request-id``), if it sent one.
+    client_request_id: str | None = None
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -112,7 +123,10 @@ class UsageRecord:
         return self.prompt_tokens + self.completion_tokens
 
 
-_COLUMNS = "request_id, client_address, model, prompt_tokens, completion_tokens, created_at"
+_COLUMNS = (
+    "request_id, client_address, model, prompt_tokens, completion_tokens, created_at, "
+    "client_request_id"
+)
 
 
 class UsageStore:
@@ -121,7 +135,7 @@ class UsageStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(path)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -151,24 +165,18 @@ class UsageStore:
         with self._lock:
             return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
-    def record(self, rec: UsageRecord) -> tuple[int, int]:
-        """Store ``rec`` durably and add it to its channel (client, model).
+    def record(self, rec: UsageRecord, totals: tuple[int, int] | None = None) -> None:
+        """Store ``rec`` durably, with the running (prompt, completion) ``totals`` the
+        client was asked to sign for it (none without verified accounting).
 
-        Returns the channel's running (prompt, completion) totals including ``rec``, the
-        numbers a client signs. Raises :class:`DuplicateUsage` for a known request id.
+        Raises :class:`DuplicateUsage` for a known request id.
         """
+        prompt_total, completion_total = totals if totals is not None else (None, None)
         with self._lock, self._transaction():
-            row = self._db.execute(
-                "SELECT prompt_total, completion_total FROM channels "
-                "WHERE client_address = ? AND model = ?",
-                (rec.client_address, rec.model),
-            ).fetchone()
-            prompt_total = (row[0] if row else 0) + rec.prompt_tokens
-            completion_total = (row[1] if row else 0) + rec.completion_tokens
             try:
                 self._db.execute(
                     f"INSERT INTO usage ({_COLUMNS}, prompt_total, completion_total) "  # noqa: S608
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         rec.request_id,
                         rec.client_address,
@@ -176,19 +184,13 @@ class UsageStore:
                         rec.prompt_tokens,
                         rec.completion_tokens,
                         rec.created_at,
+                        rec.client_request_id,
                         prompt_total,
                         completion_total,
                     ),
                 )
             except sqlite3.IntegrityError:
                 raise DuplicateUsage(f"request {rec.request_id} is already recorded") from None
-            self._db.execute(
-                "INSERT INTO channels VALUES (?, ?, ?, ?) ON CONFLICT (client_address, model) "
-                "DO UPDATE SET prompt_total = excluded.prompt_total, "
-                "completion_total = excluded.completion_total",
-                (rec.client_address, rec.model, prompt_total, completion_total),
-            )
-        return prompt_total, completion_total
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -265,6 +267,7 @@ class AsyncUsageStore:
     def __init__(self, store: UsageStore) -> None:
         self.store = store
 
-    async def record(self, rec: UsageRecord) -> tuple[int, int]:
-        """Store ``rec`` durably without blocking the event loop; return channel totals."""
-        return await trio.to_thread.run_sync(self.store.record, rec)
+    async def record(self, rec: UsageRecord, asked: ReceiptRequest | None) -> None:
+        """Store ``rec`` durably without blocking the event loop."""
+        totals = None if asked is None else (asked.prompt_total, asked.completion_total)
+        await trio.to_thread.run_sync(self.store.record, rec, totals)

@@ -10,11 +10,13 @@ response headers sent, so a failure before any token is still a proper HTTP erro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -26,9 +28,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lloom.client.session import Result
-from lloom.errors import LloomError, ProtocolError, UsageError
+from lloom.errors import InvalidRequest, LloomError, RequestTooLarge
 from lloom.gateway.core import Gateway
-from lloom.gateway.errors import ApiError, api_error, bad_request
+from lloom.gateway.errors import ApiError, api_error
+from lloom.gateway.guard import AccessPolicy, Guard, new_request_id
+from lloom.gateway.keys import KeyRing, KeyUsage, Limiter, now
 from lloom.gateway.metrics import Metrics
 from lloom.protocol import llm, openai_body
 from lloom.protocol.safejson import safe_loads
@@ -90,32 +94,62 @@ def _error(err: ApiError, metrics: Metrics) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
+def _failure(exc: BaseException, metrics: Metrics) -> JSONResponse:
+    """The answer for any exception of a request, logged once (a bug with its traceback)."""
+    answer = api_error(exc)
+    if isinstance(exc, LloomError):
+        logger.info("request failed: %s: %s", answer.code, exc)
+    else:
+        logger.error("request failed: unexpected %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return _error(answer, metrics)
+
+
 async def _read_body(request: Request) -> dict[str, Any]:
-    size = int(request.headers.get("content-length") or 0)
-    if size > MAX_BODY_BYTES:
-        raise _TooLarge()
-    data = b""
+    length = request.headers.get("content-length") or "0"
+    if not length.isdigit() or len(length) > 12:
+        raise InvalidRequest("bad Content-Length")
+    if int(length) > MAX_BODY_BYTES:
+        raise RequestTooLarge("request body too large")
+    data = bytearray()
     async for part in request.stream():
         data += part
         if len(data) > MAX_BODY_BYTES:
-            raise _TooLarge()
-    body = safe_loads(data, "request body")
+            raise RequestTooLarge("request body too large")
+    body = safe_loads(bytes(data), "request body")
     if not isinstance(body, dict):
-        raise UsageError("request body must be a JSON object")
+        raise InvalidRequest("request body must be a JSON object")
     return body
 
 
-class _TooLarge(Exception):
-    pass
+@dataclass(frozen=True)
+class Access:
+    """Who may use the gateway: Host/Origin policy, API keys, and where key usage is kept."""
+
+    policy: AccessPolicy = field(default_factory=lambda: AccessPolicy.for_listen("127.0.0.1"))
+    keys: KeyRing = field(default_factory=lambda: KeyRing([]))
+    usage: KeyUsage | None = None
 
 
 class GatewayApp:
-    """The HTTP endpoints, bound to one :class:`Gateway`."""
+    """The HTTP endpoints, bound to one :class:`Gateway`, behind a :class:`Guard`."""
 
-    def __init__(self, gateway: Gateway, metrics: Metrics | None = None) -> None:
+    #: Seconds a stream waits for its first token before it starts, with an SSE comment
+    #: (then one every ``comment_every``), so long prefills do not hit idle timeouts.
+    first_token_grace: float = 5.0
+    comment_every: float = 5.0
+
+    def __init__(
+        self, gateway: Gateway, metrics: Metrics | None = None, access: Access | None = None
+    ) -> None:
         self.gateway = gateway
         self.m = metrics or Metrics()
-        self.app = Starlette(
+        self.access = access or Access()
+        self.limiter = Limiter()
+        if self.access.usage is not None:
+            today = now()
+            for name, tokens in self.access.usage.today(today).items():
+                self.limiter.set_tokens(name, today, tokens)
+        self.routes = Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/completions", self.legacy, methods=["POST"]),
@@ -125,6 +159,21 @@ class GatewayApp:
                 Route("/openapi.json", self.openapi, methods=["GET"], include_in_schema=False),
             ]
         )
+        self.app = Guard(self.routes, self.access.policy, self.access.keys, self.limiter, self.m)
+
+    def _charge(self, request: Request, result: Result) -> None:
+        """Count a finished request against its API key."""
+        name = getattr(request.state, "api_key", None)
+        if name is None:
+            return
+        usage = result.end.usage
+        self.m.key_requests.labels(name).inc()
+        self.m.key_tokens.labels(name, "prompt").inc(usage.prompt_tokens)
+        self.m.key_tokens.labels(name, "completion").inc(usage.completion_tokens)
+        moment = now()
+        self.limiter.add_tokens(name, moment, usage.total_tokens)
+        if self.access.usage is not None:
+            self.access.usage.add(name, moment, usage.prompt_tokens, usage.completion_tokens)
 
     async def chat(self, request: Request) -> Response:
         """
@@ -180,27 +229,23 @@ class GatewayApp:
         started = time.perf_counter()
         try:
             body = openai_body.normalize(kind, await _read_body(request))
-        except _TooLarge:
-            return _error(ApiError(413, "request body too large", "invalid_request_error"), self.m)
-        except (UsageError, ProtocolError) as exc:
-            return _error(bad_request(str(exc)), self.m)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        body.pop("stream_options", None)
-        req = llm.Request(kind, body)
-        if req.stream:
-            return await self._stream(req, include_usage, endpoint, started)
-        try:
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            body.pop("stream_options", None)
+            request_id = getattr(request.state, "request_id", None) or new_request_id()
+            req = llm.Request(kind, body, request_id)
+            if req.stream:
+                call = _Call(request, endpoint, started, include_usage)
+                return await self._stream(call, req)
             result = await self.gateway.run(req)
-        except LloomError as exc:
-            return _error(api_error(exc), self.m)
+        except Exception as exc:  # the request's boundary: an OpenAI error, never a crash
+            return _failure(exc, self.m)
+        self._charge(request, result)
         self.m.latency.labels(endpoint).observe(time.perf_counter() - started)
         data = dict(result.response or {})
         data["usage"] = result.end.usage.to_json()
         return JSONResponse(data)
 
-    async def _stream(
-        self, req: llm.Request, include_usage: bool, endpoint: str, started: float
-    ) -> Response:
+    async def _stream(self, call: _Call, req: llm.Request) -> Response:
         send, receive = trio.open_memory_channel[Item](math.inf)
 
         async def produce() -> None:
@@ -211,55 +256,71 @@ class GatewayApp:
 
                 try:
                     await send.send(await self.gateway.run(req, on_chunk))
-                except LloomError as exc:
-                    await send.send(exc)
                 except trio.BrokenResourceError:
                     pass  # the HTTP client went away
+                except Exception as exc:  # runs in the gateway's nursery: never let it out
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await send.send(exc)
 
         if self.gateway.nursery is None:
             raise RuntimeError("the gateway's nursery is not set")
         self.gateway.nursery.start_soon(produce)
-        first = await receive.receive()
-        if isinstance(first, LloomError):
+        first: Item | None = None
+        with trio.move_on_after(self.first_token_grace):
+            first = await receive.receive()
+        if isinstance(first, BaseException):
             await receive.aclose()
-            return _error(api_error(first), self.m)
-        self.m.ttft.labels(endpoint).observe(time.perf_counter() - started)
-        return EventSourceResponse(
-            self._events(first, receive, include_usage, endpoint, started), ping=15
-        )
+            return _failure(first, self.m)
+        return EventSourceResponse(self._events(call, first, receive), ping=15)
 
     async def _events(
-        self,
-        first: Item,
-        receive: trio.MemoryReceiveChannel[Item],
-        include_usage: bool,
-        endpoint: str,
-        started: float,
+        self, call: _Call, first: Item | None, receive: trio.MemoryReceiveChannel[Item]
     ) -> AsyncIterator[dict[str, str]]:
+        endpoint, started = call.endpoint, call.started
         item = first
         async with receive:
+            while item is None:  # a long prefill: keep the connection visibly alive
+                yield {"comment": "waiting for the first token"}
+                with trio.move_on_after(self.comment_every):
+                    item = await receive.receive()
+            if not isinstance(item, BaseException):
+                self.m.ttft.labels(endpoint).observe(time.perf_counter() - started)
             while True:
                 if isinstance(item, dict):
                     yield {"data": json.dumps(item)}
                 elif isinstance(item, Result):
+                    self._charge(call.request, item)
                     self.m.latency.labels(endpoint).observe(time.perf_counter() - started)
-                    if include_usage:
+                    if call.include_usage:
                         yield {"data": json.dumps(_usage_chunk(item))}
                     break
                 else:  # an executor failed after tokens were sent: say so in the stream
                     self.m.errors.labels("partial_response").inc()
+                    logger.info("stream failed after tokens: %s", item)
                     yield {"data": json.dumps(api_error(item).body())}
                     break
                 item = await receive.receive()
         yield {"data": "[DONE]"}
 
 
-Item = dict[str, Any] | Result | LloomError
+Item = dict[str, Any] | Result | Exception
 
 
-def build_app(gateway: Gateway, metrics: Metrics | None = None) -> Starlette:
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One HTTP call being answered."""
+
+    request: Request
+    endpoint: str
+    started: float
+    include_usage: bool = False
+
+
+def build_app(
+    gateway: Gateway, metrics: Metrics | None = None, access: Access | None = None
+) -> Guard:
     """The ASGI app of ``gateway``."""
-    return GatewayApp(gateway, metrics).app
+    return GatewayApp(gateway, metrics, access).app
 
 
 def _usage_chunk(result: Result) -> dict[str, Any]:

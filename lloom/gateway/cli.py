@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from pathlib import Path
 
 import trio
 
 from lloom import __version__
-from lloom.cli.common import EXIT_OK, add_identity_args, identity_from_args, report_error
+from lloom.cli.common import (
+    EXIT_OK,
+    add_chain_args,
+    add_identity_args,
+    domain_from_args,
+    identity_from_args,
+    report_error,
+)
+from lloom.cli.keys import default_key_usage_path
 from lloom.client.loads import follow_loads
 from lloom.client.receipts import Ledger, ReceiptSigner
 from lloom.errors import LloomError, NetworkError, UsageError
-from lloom.gateway.app import build_app
+from lloom.gateway.app import Access, build_app
 from lloom.gateway.core import Gateway
+from lloom.gateway.guard import AccessPolicy, is_loopback
+from lloom.gateway.keys import ENV_KEYS, KeyUsage, load_keys
 from lloom.httpserver import start_http
 from lloom.identity import Identity
 from lloom.logs import configure_logging
@@ -31,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve an OpenAI-compatible HTTP API answered by the lloom network.",
     )
     add_identity_args(parser)
+    add_chain_args(parser)
     parser.add_argument(
         "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="HTTP address (port 0: any)"
     )
@@ -42,6 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout", type=float, default=300.0, metavar="SECONDS", help="per-request limit"
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"accept this API key (named 'default'; visible in the process list: prefer "
+        f"${ENV_KEYS} or --keys-file)",
+    )
+    parser.add_argument(
+        "--keys-file",
+        type=Path,
+        metavar="PATH",
+        help="TOML file of named API keys with their limits (mode 0600; lloom keys new)",
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also accept requests whose Host header names NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="accept browser requests from ORIGIN, e.g. https://app.example (repeatable)",
     )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: libp2p too)"
@@ -58,9 +97,32 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def access_from_args(args: argparse.Namespace, host: str, usage: KeyUsage | None) -> Access:
+    """The gateway's access rules; refuses to listen beyond loopback without keys."""
+    keys = load_keys(args.api_key, args.keys_file, os.environ)
+    if not keys and not is_loopback(host):
+        raise UsageError(
+            f"refusing to listen on {host} without API keys: anyone who reaches it would spend "
+            f"this gateway's key. Give keys (--keys-file, ${ENV_KEYS} or --api-key), or "
+            "listen on 127.0.0.1"
+        )
+    return Access(AccessPolicy.for_listen(host, args.allow_host, args.allow_origin), keys, usage)
+
+
 async def serve(identity: Identity, args: argparse.Namespace) -> None:
     """Run the gateway until SIGINT/SIGTERM."""
     host, port = parse_listen(args.listen)
+    key_usage = KeyUsage(default_key_usage_path())
+    try:
+        access = access_from_args(args, host, key_usage)
+        await _serve(identity, args, host, port, access)
+    finally:
+        key_usage.close()
+
+
+async def _serve(
+    identity: Identity, args: argparse.Namespace, host: str, port: int, access: Access
+) -> None:
     config = NodeConfig(
         bootstrap=parse_multiaddr_list(args.bootstrap_nodes, need_peer_id=True), pubsub=True
     )
@@ -70,10 +132,11 @@ async def serve(identity: Identity, args: argparse.Namespace) -> None:
             async with open_node(identity, config) as node, trio.open_nursery() as nursery:
                 if not node.host.get_connected_peers():
                     raise NetworkError("no bootstrap node reachable")
-                gateway = Gateway(node, ReceiptSigner(identity, ledger), timeout=args.timeout)
+                signer = ReceiptSigner(identity, ledger, domain_from_args(args))
+                gateway = Gateway(node, signer, timeout=args.timeout)
                 gateway.nursery = nursery
                 nursery.start_soon(follow_loads, node, gateway.loads)
-                bound = await start_http(nursery, build_app(gateway), host, port)
+                bound = await start_http(nursery, build_app(gateway, access=access), host, port)
                 announce_ready(ready_line(node, "gateway", (("http", bound),)))
                 logger.info("gateway on http://%s/v1", bound)
                 await wait_for_signal(signals)

@@ -1,4 +1,9 @@
-"""Mapping lloom's errors to OpenAI's error JSON and HTTP statuses (pure code)."""
+"""lloom's errors as OpenAI's error JSON and HTTP statuses (pure code).
+
+The status, ``type`` and ``code`` of each error live on its class in :mod:`lloom.errors`;
+this module only shapes the body. Errors that are not about the caller's request say
+nothing of the network's inside beyond their kind.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from lloom.errors import (
-    AllExecutorsFailed,
-    LloomError,
-    NoExecutorError,
-    PartialResponseError,
-    ProtocolError,
+    ClientError,
+    InternalError,
+    PeerInputError,
     RemoteError,
-    RequestTimeout,
-    UsageError,
+    as_lloom_error,
 )
-from lloom.protocol.llm import ErrorCode
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,30 +40,15 @@ def bad_request(message: str) -> ApiError:
     return ApiError(400, message, "invalid_request_error")
 
 
-_BY_TYPE: tuple[tuple[type[LloomError], int, str, str | None], ...] = (
-    (UsageError, 400, "invalid_request_error", None),
-    (ProtocolError, 400, "invalid_request_error", None),
-    (NoExecutorError, 404, "invalid_request_error", "model_not_found"),
-    (RequestTimeout, 504, "timeout", "timeout"),
-    (AllExecutorsFailed, 503, "service_unavailable", "no_executor_reachable"),
-    (PartialResponseError, 502, "api_error", "partial_response"),
-)
-
-
-def _remote(exc: RemoteError) -> ApiError:
-    try:
-        code = ErrorCode(exc.code)
-    except ValueError:
-        return ApiError(502, str(exc), "api_error", exc.code)
-    kind = "invalid_request_error" if code.http_status in (400, 404, 413) else "api_error"
-    return ApiError(code.http_status, exc.message, kind, code.value)
-
-
-def api_error(exc: LloomError) -> ApiError:
-    """The answer for ``exc``."""
-    if isinstance(exc, RemoteError):
-        return _remote(exc)
-    for kind, status, type_, code in _BY_TYPE:
-        if isinstance(exc, kind):
-            return ApiError(status, str(exc), type_, code)
-    return ApiError(502, str(exc), "api_error", None)
+def api_error(exc: BaseException) -> ApiError:
+    """The answer for ``exc`` (any exception: unknown ones become a generic 500)."""
+    err = as_lloom_error(exc)
+    if isinstance(err, RemoteError):
+        message = err.message
+    elif isinstance(err, PeerInputError | ClientError):
+        message = str(err)
+    elif isinstance(err, InternalError):
+        message = "internal error"
+    else:
+        message = f"{type(err).__name__}: {err}"
+    return ApiError(err.http_status, message, err.openai_type, err.code)

@@ -43,3 +43,21 @@ class Metrics:
             "Executors announcing themselves",
             registry=self.registry,
         )
+        self.key_requests = Counter(
+            "lloom_gateway_key_requests_total",
+            "Completed requests per API key",
+            ["key"],
+            registry=self.registry,
+        )
+        self.key_tokens = Counter(
+            "lloom_gateway_key_tokens_total",
+            "Tokens per API key, by kind (prompt, completion)",
+            ["key", "kind"],
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "lloom_gateway_refused_total",
+            "Requests refused before reaching the network, by reason",
+            ["reason"],
+            registry=self.registry,
+        )

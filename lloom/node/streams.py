@@ -81,6 +81,20 @@ class FramedStream:
         except StreamError as exc:
             raise NetworkError(f"stream failed while writing: {type(exc).__name__}") from exc
 
+    async def discard(self, seconds: float = 1.0, max_bytes: int = 4 * 1024 * 1024) -> None:
+        """End a stream whose framing is lost: close our side, read and drop what the peer
+        is still sending (so a writer blocked on flow control is released) for at most
+        ``seconds`` and ``max_bytes``, then reset."""
+        await self.close()
+        dropped = 0
+        with trio.move_on_after(seconds), contextlib.suppress(StreamError, StreamEOF):
+            while dropped < max_bytes:
+                data = await self.stream.read(READ_CHUNK)
+                if not data:
+                    break
+                dropped += len(data)
+        await self.reset()
+
     async def close(self) -> None:
         """Close the stream, ignoring a peer that already went away."""
         with contextlib.suppress(StreamError):

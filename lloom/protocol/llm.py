@@ -3,68 +3,37 @@
 One libp2p stream carries one request. Every message is one frame
 (:mod:`lloom.framing`) holding a UTF-8 JSON object with a type field ``t``::
 
-    client -> executor   {"t": "request", "kind": "chat"|"completion", "body": {...}}
+    client -> executor   {"t": "request", "kind": "chat"|"completion", "body": {...}, "id"?}
     executor -> client   {"t": "chunk", "data": {...}}        0..n, streaming only
                          {"t": "response", "data": {...}}     non-streaming only
-                         {"t": "end", "request_id", "model", "usage": {...}, "usage_source"}
+                         {"t": "end", "request_id", "model", "usage", "backend_usage"?,
+                          "receipt"?}
                       or {"t": "error", "code", "message", "status"}
+    client -> executor   {"t": "receipt", "request_id", "signature"}   answers end.receipt
+                      or {"t": "refusal", "request_id", "reason"}
 
 ``body`` is an OpenAI request body (``/v1/chat/completions`` or ``/v1/completions``);
 ``data`` are OpenAI response objects or stream chunks, exactly as a backend produced them
 (with the network model id). Every exchange ends with exactly one terminal message,
 ``end`` or ``error``: a killed executor looks like a clean end of stream, so a stream that
-ends without one is a failure. The usage an ``end`` states is what the executor stored.
+ends without one is a failure. The usage an ``end`` states is the billing count
+(:mod:`lloom.protocol.billing`) the executor stored. docs/protocol.md is the specification.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from lloom.errors import ErrorCode as ErrorCode  # noqa: PLC0414 - re-exported: wire codes live in the error tree
 from lloom.errors import ProtocolError
 from lloom.protocol.safejson import safe_loads
 
 PROTOCOL_ID = "/lloom/llm/1.0.0"
-
-
-class ErrorCode(StrEnum):
-    """Why an executor refused or failed a request."""
-
-    BAD_REQUEST = "bad_request"
-    TOO_LARGE = "too_large"
-    UNKNOWN_MODEL = "unknown_model"
-    BUSY = "busy"
-    BACKEND_UNREACHABLE = "backend_unreachable"
-    BACKEND_ERROR = "backend_error"
-    BACKEND_TIMEOUT = "backend_timeout"
-    RECEIPT_REQUIRED = "receipt_required"
-    INTERNAL = "internal"
-
-    @property
-    def http_status(self) -> int:
-        """The HTTP status a gateway answers with for this error."""
-        return _STATUS[self]
-
-    @property
-    def retryable(self) -> bool:
-        """Whether another executor may succeed where this one failed."""
-        return self not in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE)
-
-
-_STATUS = {
-    ErrorCode.BAD_REQUEST: 400,
-    ErrorCode.TOO_LARGE: 413,
-    ErrorCode.UNKNOWN_MODEL: 404,
-    ErrorCode.BUSY: 503,
-    ErrorCode.BACKEND_UNREACHABLE: 502,
-    ErrorCode.BACKEND_ERROR: 502,
-    ErrorCode.BACKEND_TIMEOUT: 504,
-    ErrorCode.RECEIPT_REQUIRED: 402,
-    ErrorCode.INTERNAL: 500,
-}
 
 
 class RequestKind(StrEnum):
@@ -112,12 +81,25 @@ class Usage:
         return usage
 
 
+#: A request id a client may attach (a gateway's ``x-request-id``): 1-64 of these.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A client's request; ``body`` is the OpenAI request body."""
+    """A client's request; ``body`` is the OpenAI request body.
+
+    ``request_id`` is the client's own id for the request (a gateway's ``x-request-id``);
+    the executor keeps it in the usage row, so one request can be followed end to end.
+    """
 
     kind: RequestKind
     body: dict[str, Any]
+    request_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.request_id is not None and not _REQUEST_ID.fullmatch(self.request_id):
+            raise ProtocolError("request id must be 1-64 of A-Z a-z 0-9 . _ -")
 
     @property
     def model(self) -> str:
@@ -145,8 +127,41 @@ class Response:
 
 
 @dataclass(frozen=True, slots=True)
+class SignedTotals:
+    """Running totals of a channel that the client signed before, with its signature: what
+    a client that lost its own record needs to check that the executor's base is its own."""
+
+    prompt_total: int
+    completion_total: int
+    deadline: int
+    signature: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``previous`` object of a receipt request."""
+        return {
+            "prompt_total": self.prompt_total,
+            "completion_total": self.completion_total,
+            "deadline": self.deadline,
+            "signature": "0x" + self.signature.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> SignedTotals:
+        """Parse a ``previous`` object."""
+        if not isinstance(obj, Mapping):
+            raise ProtocolError("receipt.previous must be an object")
+        ints = [_uint(obj, k) for k in ("prompt_total", "completion_total", "deadline")]
+        return cls(ints[0], ints[1], ints[2], _signature(obj))
+
+
+@dataclass(frozen=True, slots=True)
 class ReceiptRequest:
-    """What an executor asks the client to sign after a request (verified accounting)."""
+    """What an executor asks the client to sign after a request (verified accounting).
+
+    The running totals asked are ``previous`` (the last totals the client signed on this
+    channel, or zero) plus this request's usage: usage the client did not sign never
+    enters them.
+    """
 
     executor: str
     chain_id: int
@@ -154,10 +169,11 @@ class ReceiptRequest:
     prompt_total: int
     completion_total: int
     deadline: int
+    previous: SignedTotals | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object inside an ``end`` message."""
-        return {
+        obj: dict[str, Any] = {
             "executor": self.executor,
             "chain_id": self.chain_id,
             "contract": self.contract,
@@ -165,34 +181,46 @@ class ReceiptRequest:
             "completion_total": self.completion_total,
             "deadline": self.deadline,
         }
+        if self.previous is not None:
+            obj["previous"] = self.previous.to_json()
+        return obj
 
     @classmethod
     def from_json(cls, obj: object) -> ReceiptRequest:
         """Parse the ``receipt`` object of an ``end`` message."""
         if not isinstance(obj, Mapping):
             raise ProtocolError("receipt request must be an object")
-        ints = {k: obj.get(k) for k in ("chain_id", "prompt_total", "completion_total", "deadline")}
-        for key, value in ints.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ProtocolError(f"receipt.{key} must be a non-negative integer")
+        previous = obj.get("previous")
         return cls(
             _string(obj, "executor"),
-            ints["chain_id"],  # type: ignore[arg-type]
+            _uint(obj, "chain_id"),
             _string(obj, "contract"),
-            ints["prompt_total"],  # type: ignore[arg-type]
-            ints["completion_total"],  # type: ignore[arg-type]
-            ints["deadline"],  # type: ignore[arg-type]
+            _uint(obj, "prompt_total"),
+            _uint(obj, "completion_total"),
+            _uint(obj, "deadline"),
+            None if previous is None else SignedTotals.from_json(previous),
         )
+
+    @property
+    def base(self) -> tuple[int, int]:
+        """The (prompt, completion) totals this request's usage is added to."""
+        if self.previous is None:
+            return 0, 0
+        return self.previous.prompt_total, self.previous.completion_total
 
 
 @dataclass(frozen=True, slots=True)
 class End:
-    """Successful end of a request: what the executor stored as usage."""
+    """Successful end of a request.
+
+    ``usage`` is the canonical billing count (:mod:`lloom.protocol.billing`) the executor
+    stored; ``backend_usage`` what its backend reported, if it did (for information).
+    """
 
     request_id: str
     model: str
     usage: Usage
-    usage_source: str = "backend"  # "backend" (reported) or "counted" (tiktoken)
+    backend_usage: Usage | None = None
     receipt: ReceiptRequest | None = None
 
 
@@ -233,8 +261,10 @@ def encode(msg: Message) -> bytes:
     """Serialize a message to the bytes of one frame."""
     obj: dict[str, Any]
     match msg:
-        case Request(kind=kind, body=body):
+        case Request(kind=kind, body=body, request_id=request_id):
             obj = {"t": "request", "kind": kind.value, "body": body}
+            if request_id is not None:
+                obj["id"] = request_id
         case Chunk(data=data):
             obj = {"t": "chunk", "data": data}
         case Response(data=data):
@@ -245,8 +275,9 @@ def encode(msg: Message) -> bytes:
                 "request_id": msg.request_id,
                 "model": msg.model,
                 "usage": msg.usage.to_json(),
-                "usage_source": msg.usage_source,
             }
+            if msg.backend_usage is not None:
+                obj["backend_usage"] = msg.backend_usage.to_json()
             if msg.receipt is not None:
                 obj["receipt"] = msg.receipt.to_json()
         case SignedReceipt():
@@ -268,16 +299,20 @@ def encode(msg: Message) -> bytes:
 
 
 def _request(obj: dict[str, Any]) -> Message:
-    return Request(RequestKind(obj["kind"]), _object(obj, "body"))
+    request_id = obj.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError("id must be a string")
+    return Request(RequestKind(obj["kind"]), _object(obj, "body"), request_id)
 
 
 def _end(obj: dict[str, Any]) -> Message:
     receipt = obj.get("receipt")
+    backend = obj.get("backend_usage")
     return End(
         _string(obj, "request_id"),
         _string(obj, "model"),
         Usage.from_json(obj.get("usage")),
-        _string(obj, "usage_source"),
+        None if backend is None else Usage.from_json(backend),
         None if receipt is None else ReceiptRequest.from_json(receipt),
     )
 
@@ -290,10 +325,24 @@ def _error(obj: dict[str, Any]) -> Message:
 
 
 def _receipt(obj: dict[str, Any]) -> Message:
+    return SignedReceipt(_string(obj, "request_id"), _signature(obj))
+
+
+def _signature(obj: Mapping[str, Any]) -> bytes:
     sig = _string(obj, "signature")
     if not sig.startswith("0x") or len(sig) != 132:
-        raise ProtocolError("receipt.signature must be 65 bytes of 0x-hex")
-    return SignedReceipt(_string(obj, "request_id"), bytes.fromhex(sig[2:]))
+        raise ProtocolError("signature must be 65 bytes of 0x-hex")
+    try:
+        return bytes.fromhex(sig[2:])
+    except ValueError:
+        raise ProtocolError("signature must be 65 bytes of 0x-hex") from None
+
+
+def _uint(obj: Mapping[str, Any], key: str) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**256:
+        raise ProtocolError(f"receipt.{key} must be a non-negative integer below 2**256")
+    return value
 
 
 _PARSERS: dict[str, Callable[[dict[str, Any]], Message]] = {

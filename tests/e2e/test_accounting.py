@@ -8,13 +8,16 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import trio
 from web3 import Web3
 
 from lloom.chain.contract import accounting, connect
 from lloom.identity import Identity
-from tests.support.anvil import KEYS, start_anvil
-from tests.support.network import start_executor, start_mock, start_validator
+from lloom.protocol import billing
+from tests.support.anvil import ANVIL_CHAIN_ID, KEYS, start_anvil
+from tests.support.network import start_executor, start_gateway, start_mock, start_validator
 from tests.support.procs import Proc, Processes, script
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -42,21 +45,39 @@ def chain_section(rpc: str, contract: str, mode: str = "verified", confirmations
     )
 
 
-def ask(procs: Processes, boot: str, prompt: str, key: str = CLIENT_KEY) -> Any:
+def ask(
+    procs: Processes,
+    boot: str,
+    prompt: str,
+    key: str = CLIENT_KEY,
+    *flags: str,
+    contract: str | None = None,
+) -> Any:
+    """``lloom-client`` with ``prompt``; signing receipts for ``contract`` on anvil's chain."""
+    chain = ["--chain-id", str(ANVIL_CHAIN_ID), "--contract", contract] if contract else []
     return procs.run(
         "client",
         [
             script("lloom-client"),
             "--private-key",
             key,
+            *chain,
             "--bootstrap-nodes",
             boot,
             "--model",
             "mock-a",
             "--prompt",
             prompt,
+            *flags,
         ],
     )
+
+
+def billed(prompt: str) -> tuple[int, int]:
+    """The billing count of ``lloom-client --prompt PROMPT`` answered by the mock backend
+    (which replies ``Echo: PROMPT``)."""
+    body = {"messages": [{"role": "user", "content": prompt}]}
+    return billing.chat_prompt_tokens(body), billing.count("Echo: " + prompt)
 
 
 def settle_now(executor: Proc, timeout: float = 60) -> str:
@@ -66,6 +87,11 @@ def settle_now(executor: Proc, timeout: float = 60) -> str:
 
 
 def chain_usage(rpc: str, contract: str) -> list[dict[str, Any]]:
+    c = accounting(connect(rpc), contract)
+    return [dict(e["args"]) for e in c.events.UsageSettled().get_logs(from_block=0)]
+
+
+def unverified_usage(rpc: str, contract: str) -> list[dict[str, Any]]:
     c = accounting(connect(rpc), contract)
     return [dict(e["args"]) for e in c.events.UsageRecorded().get_logs(from_block=0)]
 
@@ -92,32 +118,35 @@ def test_design_end_to_end_with_verified_receipts(procs: Processes) -> None:
         extra=chain_section(rpc, contract),
         key=EXECUTOR_KEY,
     )
-    first = ask(procs, v.listen[0], "hello chain")
+    first = ask(procs, v.listen[0], "hello chain", contract=contract)
     assert first.returncode == 0, first.stderr
     assert first.stdout == "Echo: hello chain\n"
-    second = ask(procs, v.listen[0], "and again please")
+    second = ask(procs, v.listen[0], "and again please", contract=contract)
     assert second.returncode == 0, second.stderr
-    assert rows(data_dir) == [(2, 3, "signed"), (3, 4, "signed")]
+    one, two = billed("hello chain"), billed("and again please")
+    assert rows(data_dir) == [(*one, "signed"), (*two, "signed")]
+    both = sum(one) + sum(two)
 
     settle_now(ex_proc)
     events = chain_usage(rpc, contract)
     # One receipt (the running total) settles both requests.
     assert [(e["executor"], e["client"], e["model"], e["tokenCount"]) for e in events] == [
-        (EXECUTOR, CLIENT, "mock-a", 12)
+        (EXECUTOR, CLIENT, "mock-a", both)
     ]
     c = accounting(connect(rpc), contract)
-    assert c.functions.totalTokensByExecutor(EXECUTOR).call() == 12
+    assert c.functions.verifiedTokensByExecutor(EXECUTOR).call() == both
+    assert c.functions.totalTokensByExecutor(EXECUTOR).call() == 0  # the unverified kind
 
     table = procs.run(
         "usage", [script("lloom"), "usage", "--rpc-url", rpc, "--contract", contract, "--json"]
     )
     assert table.returncode == 0, table.stderr
-    assert json.loads(table.stdout)["total"] == 12
+    assert json.loads(table.stdout)["total"] == both
 
     # A third request later settles only what is new.
-    assert ask(procs, v.listen[0], "three").returncode == 0
+    assert ask(procs, v.listen[0], "three", contract=contract).returncode == 0
     settle_now(ex_proc)
-    assert [e["tokenCount"] for e in chain_usage(rpc, contract)] == [12, 1 + 2]
+    assert [e["tokenCount"] for e in chain_usage(rpc, contract)] == [both, sum(billed("three"))]
 
 
 def test_unverified_mode_records_each_request(procs: Processes) -> None:
@@ -135,15 +164,26 @@ def test_unverified_mode_records_each_request(procs: Processes) -> None:
         key=EXECUTOR_KEY,
     )
     for prompt in ("one", "two words"):
-        assert ask(procs, v.listen[0], prompt).returncode == 0
+        assert ask(procs, v.listen[0], prompt, contract=contract).returncode == 0
     settle_now(ex_proc)
     ex_proc.wait_for_line(lambda s: s.startswith("settlement confirmed"), 30)
-    events = chain_usage(rpc, contract)
-    assert sorted(e["tokenCount"] for e in events) == [1 + 2, 2 + 3]
+    events = unverified_usage(rpc, contract)
+    expected = sorted(sum(billed(p)) for p in ("one", "two words"))
+    assert sorted(e["tokenCount"] for e in events) == expected
+    assert chain_usage(rpc, contract) == []  # nothing verified
+    usage = [script("lloom"), "usage", "--rpc-url", rpc, "--contract", contract, "--json"]
+    verified = json.loads(procs.run("usage", usage).stdout)
+    assert verified["total"] == 0 and verified["events"] == []
+    both = json.loads(procs.run("usage-all", [*usage, "--include-unverified"]).stdout)
+    assert sorted(e["tokens"] for e in both["events"]) == expected
+    assert {e["kind"] for e in both["events"]} == {"unverified"}
+    assert both["unverified_total"] == sum(expected) and both["total"] == 0
     assert {e["client"] for e in events} == {CLIENT}
 
 
-def test_client_refuses_inflated_usage(procs: Processes) -> None:
+def test_a_backend_that_inflates_its_usage_bills_nothing_more(procs: Processes) -> None:
+    """The billed count is the canonical one both sides compute; what the backend claims
+    is reported beside it and bills nothing."""
     _, rpc = start_anvil(procs)
     contract = deploy(procs, rpc)
     _, url = start_mock(procs, "inflating-mock", "--inflate-usage", "50")
@@ -157,12 +197,65 @@ def test_client_refuses_inflated_usage(procs: Processes) -> None:
         extra=chain_section(rpc, contract),
         key=EXECUTOR_KEY,
     )
-    result = ask(procs, v.listen[0], "how many tokens is this")
-    assert result.returncode == 0
-    assert "refused to sign the executor's usage: inflated usage" in result.stderr
-    [(_, _, receipt)] = rows(data_dir)
-    assert receipt.startswith("refused: inflated usage")
-    assert ex_proc.popen is not None
-    ex_proc.popen.send_signal(signal.SIGUSR1)
-    # Nothing signed, nothing to settle: the chain stays empty.
-    assert chain_usage(rpc, contract) == []
+    prompt = "how many tokens is this"
+    result = ask(procs, v.listen[0], prompt, CLIENT_KEY, "--json", contract=contract)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    expected = billed(prompt)
+    assert (doc["usage"]["prompt_tokens"], doc["usage"]["completion_tokens"]) == expected
+    assert doc["backend_usage"]["completion_tokens"] > 10 * expected[1]
+    assert rows(data_dir) == [(*expected, "signed")]
+    settle_now(ex_proc)
+    assert [e["tokenCount"] for e in chain_usage(rpc, contract)] == [sum(expected)]
+
+
+def test_refusal_lost_ledger_and_crossing_ends_still_settle_exactly(procs: Processes) -> None:
+    """A client that refused once, lost its ledger, and a gateway whose two concurrent
+    answers end in the other order: every later request is signed and settled on chain,
+    and the total settled is exactly the executor's signed usage rows."""
+    _, rpc = start_anvil(procs)
+    contract = deploy(procs, rpc)
+    _, url = start_mock(procs, "slow-mock", "--chunk-delay-ms", "40")
+    _, v = start_validator(procs)
+    boot = v.listen[0]
+    ex_proc, _, data_dir = start_executor(
+        procs, "exec", boot, url, ["mock-a"], extra=chain_section(rpc, contract), key=EXECUTOR_KEY
+    )
+    assert ask(procs, boot, "first", contract=contract).returncode == 0
+    other = "0x" + "66" * 20
+    refused = ask(procs, boot, "signed for another contract?", contract=other)
+    assert refused.returncode == 0 and "signs only for chain" in refused.stderr
+    for ledger in (procs.root / "client" / "data").glob("client-ledger.sqlite3*"):
+        ledger.unlink()  # the client lost its record of what it signed
+    after = ask(procs, boot, "after losing the ledger", contract=contract)
+    assert after.returncode == 0 and "refused" not in after.stderr, after.stderr
+
+    # A gateway (one channel: its key, this model): a long answer and a short one at once.
+    _, base = start_gateway(procs, boot, "--chain-id", str(ANVIL_CHAIN_ID), "--contract", contract)
+    long_prompt = " ".join(["word"] * 40)
+
+    async def both() -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+
+            async def one(prompt: str) -> None:
+                body = {"model": "mock-a", "messages": [{"role": "user", "content": prompt}]}
+                answer = await http.post("/chat/completions", json=body)
+                assert answer.status_code == 200, answer.text
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, long_prompt)
+                await trio.sleep(0.1)
+                nursery.start_soon(one, "short")
+
+    trio.run(both)
+    statuses = [r[2] for r in rows(data_dir)]
+    assert statuses.count("signed") == 4 and len(statuses) == 5, statuses
+    signed = [(p, c) for p, c, status in rows(data_dir) if status == "signed"]
+    settle_now(ex_proc)
+    settled = sum(p + c for p, c in signed)
+    c = accounting(connect(rpc), contract)
+    assert c.functions.verifiedTokensByExecutor(EXECUTOR).call() == settled
+    # the CLI's channel and the gateway's channel, one receipt each
+    assert sorted(e["tokenCount"] for e in chain_usage(rpc, contract)) == sorted(
+        [sum(p + c for p, c in signed[:2]), sum(p + c for p, c in signed[2:])]
+    )

@@ -61,7 +61,10 @@ def settle(w3: Web3, c: Contract, receipts: list[Receipt]) -> Any:
 
 
 def events(c: Contract, receipt: Any) -> tuple[list[Any], list[Any]]:
-    ok = c.events.UsageRecorded().process_receipt(receipt, errors=DISCARD)
+    """(verified ``UsageSettled``, ``ReceiptRejected``) events of a settle transaction; a
+    settle never emits the unverified kind."""
+    assert not c.events.UsageRecorded().process_receipt(receipt, errors=DISCARD)
+    ok = c.events.UsageSettled().process_receipt(receipt, errors=DISCARD)
     bad = c.events.ReceiptRejected().process_receipt(receipt, errors=DISCARD)
     return [e["args"] for e in ok], [e["args"] for e in bad]
 
@@ -95,10 +98,12 @@ def test_design_abi_is_kept(chain: tuple[Web3, Contract]) -> None:
         {"from": EXECUTOR.address}
     )
     rec = send_and_wait(w3, EXECUTOR, tx)
-    ok, _ = events(c, rec)
+    ok = [e["args"] for e in c.events.UsageRecorded().process_receipt(rec, errors=DISCARD)]
+    assert not c.events.UsageSettled().process_receipt(rec, errors=DISCARD)
     assert ok[0]["executor"] == EXECUTOR.address and ok[0]["client"] == client.address
     assert ok[0]["model"] == "gpt" and ok[0]["tokenCount"] == 42
     assert c.functions.totalTokensByExecutor(EXECUTOR.address).call() == 42
+    assert c.functions.verifiedTokensByExecutor(EXECUTOR.address).call() == 0
     with pytest.raises(Exception, match="Token count must be positive"):
         c.functions.recordUsage(client.address, "gpt", 0).call({"from": EXECUTOR.address})
 
@@ -139,14 +144,15 @@ def test_verified_settlement_and_every_bad_receipt(chain: tuple[Web3, Contract])
     ok, bad = events(c, rec)
     assert [(e["client"], e["model"], e["tokenCount"]) for e in ok] == [(alice.address, "m1", 30)]
     assert [e["reason"] for e in bad] == [1, 2, 1, 1]
-    assert c.functions.totalTokensByExecutor(EXECUTOR.address).call() == 30
+    assert c.functions.verifiedTokensByExecutor(EXECUTOR.address).call() == 30
+    assert c.functions.totalTokensByExecutor(EXECUTOR.address).call() == 0  # the design's kind
 
     # Replay: the same receipt again settles nothing; a newer running total settles the rest.
     rec = settle(w3, c, [good, signed(w3, c, alice, 15, 40)])
     ok, bad = events(c, rec)
     assert [e["reason"] for e in bad] == [3]
     assert [e["tokenCount"] for e in ok] == [25]
-    assert c.functions.totalTokensByExecutor(EXECUTOR.address).call() == 55
+    assert c.functions.verifiedTokensByExecutor(EXECUTOR.address).call() == 55
     # A receipt signed for another executor does not settle for this one.
     other = Receipt(bob.address, alice.address, "m1", 100, 100, good.deadline)
     stolen = sign(alice, domain(w3, c), other)
@@ -168,4 +174,4 @@ def test_gas_per_request_verified(chain: tuple[Web3, Contract]) -> None:
         f"steady state {gas_steady / 100:.0f}"
     )
     assert gas_steady / 100 <= 2000
-    assert c.functions.totalTokensByExecutor(EXECUTOR.address).call() == 10 * (100 + 160)
+    assert c.functions.verifiedTokensByExecutor(EXECUTOR.address).call() == 10 * (100 + 160)

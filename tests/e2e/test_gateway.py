@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from lloom.protocol import billing
+from tests.e2e.test_accounting import billed
 from tests.support.network import start_executor, start_gateway, start_mock, start_validator
 from tests.support.procs import Processes
 
@@ -36,7 +38,8 @@ def test_chat_completion_and_usage(gateway: str) -> None:
         model="mock-a", messages=[{"role": "user", "content": "hello gateway"}]
     )
     assert reply.choices[0].message.content == "Echo: hello gateway"
-    assert reply.usage is not None and reply.usage.total_tokens == 2 + 3
+    assert reply.usage is not None
+    assert reply.usage.total_tokens == sum(billed("hello gateway"))
 
 
 def test_streaming_is_incremental(gateway: str) -> None:
@@ -56,7 +59,8 @@ def test_streaming_is_incremental(gateway: str) -> None:
     assert "".join(t for _, t in arrivals) == "Echo: one two three four"
     # The mock sends a word every 250 ms: chunks must arrive spread out, not all at the end.
     assert arrivals[-1][0] - arrivals[0][0] > 0.5
-    assert usage is not None and usage.completion_tokens == 5
+    assert usage is not None
+    assert usage.completion_tokens == billing.count("Echo: one two three four")
 
 
 def test_models_lists_what_executors_announce(gateway: str) -> None:
@@ -78,12 +82,15 @@ def test_errors_are_openai_errors(gateway: str) -> None:
             model="mock-a", messages=[{"role": "user", "content": "x"}], temperature=9
         )
     assert "temperature" in str(bad.value)
-    raw = httpx.post(f"{gateway}/chat/completions", content=b"{not json")
+    as_json = {"content-type": "application/json"}
+    raw = httpx.post(f"{gateway}/chat/completions", content=b"{not json", headers=as_json)
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
-    deep = httpx.post(f"{gateway}/chat/completions", content=b"[" * 100_000)
+    deep = httpx.post(f"{gateway}/chat/completions", content=b"[" * 100_000, headers=as_json)
     assert deep.status_code == 400
-    huge = httpx.post(f"{gateway}/chat/completions", content=b"x" * 2_000_000)
+    huge = httpx.post(f"{gateway}/chat/completions", content=b"x" * 2_000_000, headers=as_json)
     assert huge.status_code == 413
+    plain = httpx.post(f"{gateway}/chat/completions", content=b"{}")  # no Content-Type
+    assert plain.status_code == 415
 
 
 def test_health_metrics_openapi(gateway: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lloom.identity import Identity
-from lloom.tokens import count_chat_prompt, count_text
+from tests.e2e.test_accounting import billed
 from tests.support.network import start_executor, start_mock, start_validator
 from tests.support.procs import Processes, script
 
@@ -68,15 +68,23 @@ def test_answers_route_by_model_and_record_usage(procs: Processes) -> None:
         doc = json.loads(result.stdout)
         assert doc["executor"] == eb.peer_id
         assert doc["text"] == "Echo: which one"
-        assert doc["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
-        assert doc["usage_source"] == "backend"
+        prompt, completion = billed("which one")
+        assert doc["usage"] == {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        assert doc["backend_usage"]["prompt_tokens"] == 2  # the mock's own count, reported
 
     result = client(procs, boot, "mock-a", "non streaming", "--no-stream")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Echo: non streaming\n"
 
-    assert usage_rows(dir_a) == [(CLIENT_ADDR, "mock-a", 3, 4), (CLIENT_ADDR, "mock-a", 2, 3)]
-    assert usage_rows(dir_b) == [(CLIENT_ADDR, "mock-b", 2, 3)] * 3
+    assert usage_rows(dir_a) == [
+        (CLIENT_ADDR, "mock-a", *billed("hello there world")),
+        (CLIENT_ADDR, "mock-a", *billed("non streaming")),
+    ]
+    assert usage_rows(dir_b) == [(CLIENT_ADDR, "mock-b", *billed("which one"))] * 3
 
 
 def test_unknown_model_is_a_clear_error(procs: Processes) -> None:
@@ -134,16 +142,15 @@ def test_streaming_is_incremental(procs: Processes) -> None:
     assert bytes(proc.raw) == b"one two three four\n"
 
 
-def test_usage_counted_when_backend_reports_none(procs: Processes) -> None:
+def test_usage_billed_when_backend_reports_none(procs: Processes) -> None:
     _, url = start_mock(procs, "mock-no-usage", "--no-usage")
     _, v = start_validator(procs)
     _, _, data_dir = start_executor(procs, "exec", v.listen[0], url, ["mock-a"])
     result = client(procs, v.listen[0], "mock-a", "count me please", "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["usage_source"] == "counted"
-    prompt = count_chat_prompt([{"role": "user", "content": "count me please"}])
-    completion = count_text("Echo: count me please")
+    assert doc["backend_usage"] is None
+    prompt, completion = billed("count me please")
     assert doc["usage"]["prompt_tokens"] == prompt
     assert doc["usage"]["completion_tokens"] == completion
     assert usage_rows(data_dir) == [(CLIENT_ADDR, "mock-a", prompt, completion)]
@@ -200,5 +207,7 @@ def test_executor_metrics_endpoint(procs: Processes) -> None:
     assert client(procs, v.listen[0], "nope", "x").returncode == 3
     text = httpx.get(f"http://{metrics_at}/metrics").text
     assert 'lloom_executor_requests_total{model="mock-a"} 1.0' in text
-    assert 'lloom_executor_tokens_total{kind="completion",model="mock-a"} 3.0' in text
+    completion = billed("count me")[1]
+    assert f'lloom_executor_tokens_total{{kind="completion",model="mock-a"}} {completion}.0' in text
+    assert "lloom_executor_settlement_halted 0.0" in text
     assert "lloom_executor_active_requests 0.0" in text

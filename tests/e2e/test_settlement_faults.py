@@ -14,6 +14,7 @@ from tests.e2e.test_accounting import (
     EXECUTOR,
     EXECUTOR_KEY,
     ask,
+    billed,
     chain_section,
     chain_usage,
     deploy,
@@ -32,7 +33,8 @@ def rpc_call(url: str, method: str, params: list[Any]) -> Any:
 
 
 def total_on_chain(rpc: str, contract: str) -> int:
-    return int(accounting(connect(rpc), contract).functions.totalTokensByExecutor(EXECUTOR).call())
+    c = accounting(connect(rpc), contract)
+    return int(c.functions.verifiedTokensByExecutor(EXECUTOR).call())
 
 
 def network(procs: Processes, rpc: str, contract: str, confirmations: int = 1) -> Any:
@@ -56,24 +58,24 @@ def test_sigkill_with_unsettled_usage_then_restart(procs: Processes) -> None:
     contract = deploy(procs, rpc)
     ex, boot, url = network(procs, rpc, contract)
     for prompt in ("one", "two two"):
-        assert ask(procs, boot, prompt).returncode == 0
+        assert ask(procs, boot, prompt, contract=contract).returncode == 0
     ex.kill()
     restarted, _, _ = start_executor(
         procs, "exec", boot, url, ["mock-a"], extra=chain_section(rpc, contract), key=EXECUTOR_KEY
     )
     settle_now(restarted)
-    assert total_on_chain(rpc, contract) == (1 + 2) + (2 + 3)
+    assert total_on_chain(rpc, contract) == sum(billed("one")) + sum(billed("two two"))
     # The first executor's only round ran before it was ready, so both requests were still
     # unsettled at the kill: one batch settles them, once.
     events = [(e["client"], e["tokenCount"]) for e in chain_usage(rpc, contract)]
-    assert events == [(CLIENT, 8)]
+    assert events == [(CLIENT, sum(billed("one")) + sum(billed("two two")))]
 
 
 def test_sigkill_with_a_settlement_in_flight(procs: Processes) -> None:
     _, rpc = start_anvil(procs)
     contract = deploy(procs, rpc)
     ex, boot, url = network(procs, rpc, contract, confirmations=3)
-    assert ask(procs, boot, "in flight").returncode == 0
+    assert ask(procs, boot, "in flight", contract=contract).returncode == 0
     assert ex.popen is not None
     ex.popen.send_signal(signal.SIGUSR1)
     ex.wait_for_line(lambda s: s.startswith("settlement sent"), 60)
@@ -89,7 +91,7 @@ def test_sigkill_with_a_settlement_in_flight(procs: Processes) -> None:
     )
     rpc_call(rpc, "anvil_mine", [3])
     restarted.wait_for_line(lambda s: s.startswith("settlement confirmed"), 60)
-    assert total_on_chain(rpc, contract) == 2 + 3
+    assert total_on_chain(rpc, contract) == sum(billed("in flight"))
     assert len(chain_usage(rpc, contract)) == 1
 
 
@@ -110,10 +112,10 @@ def test_lost_reply_of_a_mined_transaction(procs: Processes) -> None:
     )
     rpc = proxy.wait_for_line(lambda s: s.startswith("ready url=")).removeprefix("ready url=")
     ex, boot, _ = network(procs, rpc, contract)
-    assert ask(procs, boot, "lost reply").returncode == 0
+    assert ask(procs, boot, "lost reply", contract=contract).returncode == 0
     settle_now(ex)
     proxy.wait_for_line(lambda s: s.startswith("lost reply 1"), 5)
-    assert total_on_chain(node, contract) == 2 + 3
+    assert total_on_chain(node, contract) == sum(billed("lost reply"))
     assert len(chain_usage(node, contract)) == 1
 
 
@@ -123,29 +125,58 @@ def test_rpc_down_then_back(procs: Processes, tmp_path: Any) -> None:
     port = int(rpc.rsplit(":", 1)[1])
     contract = deploy(procs, rpc)
     ex, boot, _ = network(procs, rpc, contract)
-    assert ask(procs, boot, "before").returncode == 0
+    assert ask(procs, boot, "before", contract=contract).returncode == 0
     anvil.stop()  # the state is written on exit
-    assert ask(procs, boot, "during outage").returncode == 0  # serving goes on
+    assert ask(procs, boot, "during outage", contract=contract).returncode == 0  # serving goes on
     assert ex.popen is not None
     ex.popen.send_signal(signal.SIGUSR1)
     start_anvil(procs, "anvil-again", "--state", str(state), port=port)
     ex.wait_for_line(lambda s: s.startswith("settlement confirmed"), 90)
-    assert total_on_chain(rpc, contract) == (1 + 2) + (2 + 3)
+    assert total_on_chain(rpc, contract) == sum(billed("before")) + sum(billed("during outage"))
 
 
 def test_reorg_that_drops_a_settlement(procs: Processes) -> None:
     _, rpc = start_anvil(procs)
     contract = deploy(procs, rpc)
     ex, boot, _ = network(procs, rpc, contract, confirmations=2)
-    assert ask(procs, boot, "reorg me").returncode == 0
+    assert ask(procs, boot, "reorg me", contract=contract).returncode == 0
     assert ex.popen is not None
     ex.popen.send_signal(signal.SIGUSR1)
     ex.wait_for_line(lambda s: s.startswith("settlement sent"), 60)
-    assert total_on_chain(rpc, contract) == 2 + 3  # mined (automine), 1 block deep
+    assert total_on_chain(rpc, contract) == sum(billed("reorg me"))  # mined, 1 block deep
     assert "error" not in rpc_call(rpc, "anvil_reorg", [1, []])
     assert total_on_chain(rpc, contract) == 0  # the reorg dropped it
     ex.wait_for_line(lambda s: s.startswith("settlement resent"), 60)
     rpc_call(rpc, "anvil_mine", [1])
     ex.wait_for_line(lambda s: s.startswith("settlement confirmed"), 60)
-    assert total_on_chain(rpc, contract) == 2 + 3
+    assert total_on_chain(rpc, contract) == sum(billed("reorg me"))
     assert len(chain_usage(rpc, contract)) == 1
+
+
+def test_chain_reset_is_reported_then_everything_settles_on_the_new_contract(
+    procs: Processes,
+) -> None:
+    """anvil restarted without its state: the settled batch is gone and the contract too.
+    The executor says so (stdout, log, metric) and, once the contract is deployed again at
+    the same address, settles all usage with exact totals, with no nonce gap."""
+    anvil, rpc = start_anvil(procs)
+    port = int(rpc.rsplit(":", 1)[1])
+    contract = deploy(procs, rpc)
+    ex, boot, _ = network(procs, rpc, contract)
+    assert ask(procs, boot, "one", contract=contract).returncode == 0
+    settle_now(ex)
+    assert total_on_chain(rpc, contract) == sum(billed("one"))
+    assert ask(procs, boot, "two two", contract=contract).returncode == 0
+    anvil.stop()
+    start_anvil(procs, "anvil-reset", port=port)  # a new chain: no state, no contract
+    assert ex.popen is not None
+    ex.popen.send_signal(signal.SIGUSR1)
+    ex.wait_for_line(lambda s: s.startswith("settlement lost"), 60)  # the settled batch
+    halted = ex.wait_for_line(lambda s: s.startswith("settlement halted"), 10)
+    assert contract in halted and "reset" in halted
+    assert deploy(procs, rpc) == contract  # the same deployer's first transaction
+    ex.wait_for_line(lambda s: s == "settlement resumed", 60)
+    ex.wait_for_line(lambda s: s.startswith("settlement confirmed"), 60)
+    everything = sum(billed("one")) + sum(billed("two two"))
+    assert total_on_chain(rpc, contract) == everything
+    assert [e["tokenCount"] for e in chain_usage(rpc, contract)] == [everything]

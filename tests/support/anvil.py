@@ -10,6 +10,9 @@ from tests.support.procs import Proc, Processes
 ROOT = Path(__file__).resolve().parents[2]
 ANVIL = ROOT / "node_modules" / ".bin" / "anvil"
 
+#: The chain id anvil runs with by default.
+ANVIL_CHAIN_ID = 31337
+
 #: anvil's well-known dev keys (mnemonic "test test ... junk").
 KEYS = [
     "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80",

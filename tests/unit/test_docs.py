@@ -11,6 +11,7 @@ import pytest
 from lloom.cli.main import build_parser as lloom_parser
 from lloom.client.cli import build_parser as client_parser
 from lloom.executor.cli import build_parser as executor_parser
+from lloom.executor.handler import Limits
 from lloom.gateway.cli import build_parser as gateway_parser
 from lloom.validator.cli import build_parser as validator_parser
 
@@ -58,8 +59,9 @@ def test_every_config_key_is_documented() -> None:
     for cls in (config.NodeSection, config.ChainSection):
         fields |= set(cls.__dataclass_fields__)
     fields |= {"name", "base_url", "models", "api_key", "api_key_env", "timeout_secs"}
-    fields |= {"max_concurrent_requests", "request_timeout_secs", "max_request_bytes"}
-    fields |= {"keepalive_secs"}
+    fields |= {"allow_remote_media"}
+    limits = set(Limits.__dataclass_fields__)
+    fields |= limits - {"first_frame_timeout_secs", "receipt_timeout_secs"}
     missing_example = sorted(fields - config_keys(example))
     missing_doc = sorted(f for f in fields if f"`{f}`" not in doc and f".{f}`" not in doc)
     assert not missing_example, f"config.toml.example lacks {missing_example}"

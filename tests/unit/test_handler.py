@@ -15,8 +15,7 @@ from lloom.errors import BackendHTTPError, BackendUnreachable
 from lloom.executor.handler import Limits, RequestHandler
 from lloom.executor.usage import UsageRecord
 from lloom.node.streams import FramedStream
-from lloom.protocol import llm
-from lloom.tokens import count_chat_prompt, count_text
+from lloom.protocol import billing, llm
 
 CLIENT = "0x" + "12" * 20
 
@@ -28,7 +27,10 @@ class MemoryNetStream:
         self.stream = stream
 
     async def read(self, n: int | None = None) -> bytes:
-        return await self.stream.receive_some(n)
+        try:
+            return await self.stream.receive_some(n)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise StreamReset() from exc
 
     async def write(self, data: bytes) -> None:
         try:
@@ -82,14 +84,8 @@ class ListSink:
     def __init__(self) -> None:
         self.records: list[UsageRecord] = []
 
-    async def record(self, rec: UsageRecord) -> tuple[int, int]:
+    async def record(self, rec: UsageRecord, asked: llm.ReceiptRequest | None) -> None:
         self.records.append(rec)
-        mine = [
-            r
-            for r in self.records
-            if (r.client_address, r.model) == (rec.client_address, rec.model)
-        ]
-        return sum(r.prompt_tokens for r in mine), sum(r.completion_tokens for r in mine)
 
 
 def chat(stream: bool, model: str = "m", **extra: Any) -> bytes:
@@ -119,25 +115,30 @@ def handler(backend: FakeBackend, sink: ListSink | None = None, **limits: Any) -
     return RequestHandler({"m": backend}, sink or ListSink(), Limits(**limits))
 
 
-async def test_stream_with_backend_usage() -> None:
+HI = billing.chat_prompt_tokens({"messages": [{"role": "user", "content": "hi"}]})
+
+
+async def test_stream_bills_the_canonical_count_and_reports_the_backends() -> None:
     sink = ListSink()
     msgs = await exchange(handler(FakeBackend(["a ", "b"]), sink), chat(True))
     assert [type(m).__name__ for m in msgs] == ["Chunk", "Chunk", "End"]
     end = msgs[-1]
-    assert isinstance(end, llm.End) and end.usage == llm.Usage(7, 9)
-    assert end.usage_source == "backend"
+    assert isinstance(end, llm.End) and end.usage == llm.Usage(HI, billing.count("a b"))
+    assert end.backend_usage == llm.Usage(7, 9)
     assert sink.records[0].request_id == end.request_id
     assert sink.records[0].client_address == CLIENT
+    assert (sink.records[0].prompt_tokens, sink.records[0].completion_tokens) == (HI, 2)
 
 
-async def test_counted_usage_when_backend_has_none() -> None:
+async def test_billed_without_backend_usage_and_capped_at_max_tokens() -> None:
     sink = ListSink()
-    msgs = await exchange(handler(FakeBackend(["hello ", "world"], usage=False), sink), chat(False))
-    end = msgs[-1]
+    h = handler(FakeBackend(["hello ", "world ", "again"], usage=False), sink, max_tokens=1)
+    msgs = await exchange(h, chat(False), chat(False, max_tokens=2))
+    end, capped = msgs[1], msgs[3]
     assert isinstance(msgs[0], llm.Response)
-    assert isinstance(end, llm.End) and end.usage_source == "counted"
-    assert end.usage.prompt_tokens == count_chat_prompt([{"role": "user", "content": "hi"}])
-    assert end.usage.completion_tokens == count_text("hello world")
+    assert isinstance(end, llm.End) and end.backend_usage is None
+    assert end.usage == llm.Usage(HI, billing.count("hello world again"))  # 3: no client cap
+    assert isinstance(capped, llm.End) and capped.usage.completion_tokens == 2
 
 
 @pytest.mark.parametrize(
@@ -284,9 +285,16 @@ async def test_receipts_are_checked_kept_and_required(tmp_path: Path) -> None:
     assert isinstance(await one("forge"), llm.End)  # served; its receipt is refused
     statuses = [r[0] for r in store.execute("SELECT receipt FROM usage ORDER BY created_at")]
     assert statuses == ["signed", "refused: bad signature"]
-    assert store.execute("SELECT prompt_total, completion_total FROM receipts") == [(7, 1)]
+    one_request = (HI, 1)
+    assert store.execute("SELECT prompt_total, completion_total FROM receipts") == [one_request]
     assert isinstance(await one("refuse"), llm.End)  # 2 unsigned now: over the limit of 1
     blocked = await one("sign")
     assert isinstance(blocked, llm.Error) and blocked.code is llm.ErrorCode.RECEIPT_REQUIRED
     assert blocked.status == 402
+    # Unsigned usage never entered the totals: the next receipt adds to the signed one.
+    asked = await h.receipts.request_for(  # type: ignore[union-attr]
+        UsageRecord("next", client.address, "m", HI, 1, 0.0)
+    )
+    assert asked is not None and (asked.prompt_total, asked.completion_total) == (2 * HI, 2)
+    assert asked.previous is not None and asked.previous.prompt_total == HI
     store.close()

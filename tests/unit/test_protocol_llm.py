@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from lloom.errors import ProtocolError, UsageError
+from lloom.errors import InvalidRequest, ProtocolError
 from lloom.protocol import llm, openai_body, safejson
 from lloom.protocol.llm import ErrorCode, RequestKind
 
@@ -17,15 +17,25 @@ from lloom.protocol.llm import ErrorCode, RequestKind
         llm.Request(RequestKind.CHAT, {"model": "m", "messages": []}),
         llm.Chunk({"choices": [{"delta": {"content": "é"}}]}),
         llm.Response({"choices": []}),
-        llm.End("r1", "m", llm.Usage(3, 4), "counted"),
+        llm.End("r1", "m", llm.Usage(3, 4)),
         llm.Error(ErrorCode.BUSY, "full"),
         llm.End(
             "r2",
             "m",
             llm.Usage(1, 2),
-            "backend",
+            llm.Usage(5, 6),
             llm.ReceiptRequest("0xE", 31337, "0xC", 10, 20, 99),
         ),
+        llm.End(
+            "r3",
+            "m",
+            llm.Usage(1, 2),
+            None,
+            llm.ReceiptRequest(
+                "0xE", 31337, "0xC", 10, 20, 99, llm.SignedTotals(9, 18, 77, b"\x02" * 65)
+            ),
+        ),
+        llm.Request(RequestKind.CHAT, {"model": "m"}, "req_0123abcd"),
         llm.SignedReceipt("r2", b"\x01" * 65),
         llm.Refusal("r2", "inflated"),
     ],
@@ -61,6 +71,13 @@ def test_error_status_defaults_and_overrides() -> None:
         b'{"t": "receipt", "request_id": "r", "signature": "0x' + b"zz" * 65 + b'"}',
         b'{"t": "end", "request_id": "r", "model": "m", "usage": {"prompt_tokens": 1, '
         b'"completion_tokens": 1}, "usage_source": "backend", "receipt": {"chain_id": -1}}',
+        b'{"t": "request", "kind": "chat", "body": {}, "id": "has space"}',
+        b'{"t": "request", "kind": "chat", "body": {}, "id": 7}',
+        b'{"t": "end", "request_id": "r", "model": "m", "usage": {"prompt_tokens": 1, '
+        b'"completion_tokens": 1}, "receipt": {"executor": "0xE", "chain_id": 1, '
+        b'"contract": "0xC", "prompt_total": 1, "completion_total": 1, "deadline": 1, '
+        b'"previous": {"prompt_total": 0, "completion_total": 0, "deadline": 0, '
+        b'"signature": "0x12"}}}',
     ],
 )
 def test_decode_rejects(frame: bytes) -> None:
@@ -109,11 +126,20 @@ def test_simple_prompt_form_becomes_a_message() -> None:
     ],
 )
 def test_bad_chat_bodies(body: object, field: str) -> None:
-    with pytest.raises(UsageError, match=re.escape(field)):
+    with pytest.raises(InvalidRequest, match=re.escape(field)):
         openai_body.normalize_chat_body(body)
 
 
 def test_completion_bodies() -> None:
     assert openai_body.normalize(RequestKind.COMPLETION, {"model": "m", "prompt": ["a", "b"]})
-    with pytest.raises(UsageError, match="'prompt'"):
+    with pytest.raises(InvalidRequest, match="'prompt'"):
         openai_body.normalize(RequestKind.COMPLETION, {"model": "m", "prompt": 3})
+
+
+@pytest.mark.parametrize("field", ["seed", "temperature", "top_k", "logit_bias"])
+def test_numbers_of_thousands_of_digits_are_bad_fields_not_crashes(field: str) -> None:
+    huge = int("9" * 4000)  # below CPython's 4,300-digit parse limit: it reaches validation
+    value: object = {"1": huge} if field == "logit_bias" else huge
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], field: value}
+    with pytest.raises(InvalidRequest, match=field):
+        openai_body.normalize_chat_body(body)
