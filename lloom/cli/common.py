@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lloom.chain.receipts import Domain
-from lloom.errors import LloomError, UsageError
+from lloom.errors import LloomError
 from lloom.identity import ENV_PRIVATE_KEY, Identity, load_identity
 from lloom.paths import default_key_file
-
-_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 #: Exit codes shared by all commands.
 EXIT_OK = 0
@@ -54,32 +50,3 @@ def report_error(exc: LloomError) -> int:
     """Print a one-line error to stderr and return the exit code for it."""
     print(f"error: {exc}", file=sys.stderr)
     return exc.exit_code
-
-
-def add_chain_args(parser: argparse.ArgumentParser) -> None:
-    """Add ``--chain-id`` and ``--contract``: the only chain a client signs receipts for."""
-    parser.add_argument(
-        "--chain-id",
-        type=int,
-        metavar="N",
-        help="sign usage receipts for this chain only (with --contract; without both, "
-        "receipts are refused)",
-    )
-    parser.add_argument(
-        "--contract",
-        metavar="0xADDRESS",
-        help="the Accounting contract receipts are signed for (with --chain-id)",
-    )
-
-
-def domain_from_args(args: argparse.Namespace) -> Domain | None:
-    """The receipt domain of ``--chain-id``/``--contract``, or None when neither is given."""
-    if args.chain_id is None and args.contract is None:
-        return None
-    if args.chain_id is None or args.contract is None:
-        raise UsageError("give --chain-id and --contract together")
-    if args.chain_id <= 0:
-        raise UsageError("--chain-id must be positive")
-    if not _ADDRESS.fullmatch(args.contract):
-        raise UsageError("--contract must be a 0x-prefixed 20-byte hex address")
-    return Domain(args.chain_id, args.contract)

@@ -18,13 +18,18 @@ import trio
 from lloom import __version__
 from lloom.cli.common import (
     EXIT_OK,
-    add_chain_args,
     add_identity_args,
-    domain_from_args,
     identity_from_args,
     run_main,
 )
 from lloom.client.discovery import ordered_executors
+from lloom.client.observed import EXECUTOR_BOOK, ExecutorBook
+from lloom.client.options import (
+    add_chain_args,
+    add_choice_args,
+    choice_from_args,
+    domain_from_args,
+)
 from lloom.client.receipts import Ledger, ReceiptSigner
 from lloom.client.session import Result, request_with_failover
 from lloom.errors import (
@@ -61,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_identity_args(parser)
     add_chain_args(parser)
+    add_choice_args(parser)
     parser.add_argument(
         "--bootstrap-nodes",
         required=True,
@@ -121,7 +127,9 @@ async def ask(identity: Identity, args: argparse.Namespace, request: llm.Request
         async with open_node(identity, config) as node:
             if not node.host.get_connected_peers():
                 raise NetworkError("no bootstrap node reachable")
-            candidates = await ordered_executors(node, request.model)
+            book = ExecutorBook(default_data_dir() / EXECUTOR_BOOK)
+            choice = choice_from_args(args, book)
+            candidates = await ordered_executors(node, request.model, choice=choice)
             logger.debug(
                 "executors for %s: %s", request.model, [str(c.peer_id) for c in candidates]
             )
@@ -129,10 +137,17 @@ async def ask(identity: Identity, args: argparse.Namespace, request: llm.Request
             signer = ReceiptSigner(identity, ledger, domain_from_args(args))
             try:
                 result = await request_with_failover(
-                    node, candidates, request, on_chunk, total_timeout=args.timeout, signer=signer
+                    node,
+                    candidates,
+                    request,
+                    on_chunk,
+                    total_timeout=args.timeout,
+                    signer=signer,
+                    book=book,
                 )
             finally:
                 ledger.close()
+                book.save()
             if signer.last_refusal:
                 print(
                     f"warning: refused to sign the executor's usage: {signer.last_refusal}",

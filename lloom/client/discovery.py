@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from lloom.client.observed import ExecutorBook, Seen
 from lloom.client.ranking import rank
 from lloom.dhtkeys import model_key
 from lloom.errors import DialError, NetworkError, NoExecutorError
@@ -46,16 +48,46 @@ async def measure(node: Node, candidates: list[PeerInfo], timeout: float = 2.0) 
     return rtts
 
 
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Which executors a client may use: only ``allow`` (if given), never ``deny``
+    (PeerIds as text), ranked with what its ``book`` observed."""
+
+    allow: frozenset[str] = frozenset()
+    deny: frozenset[str] = frozenset()
+    book: ExecutorBook | None = None
+
+    def permitted(self, found: list[PeerInfo]) -> list[PeerInfo]:
+        """``found`` without denied executors (and only allowed ones, with an allow-list)."""
+        return [
+            info
+            for info in found
+            if str(info.peer_id) not in self.deny
+            and (not self.allow or str(info.peer_id) in self.allow)
+        ]
+
+    def seen(self, peers: list[ID]) -> dict[ID, Seen]:
+        """What the book observed of ``peers``."""
+        if self.book is None:
+            return {}
+        return {p: s for p in peers if (s := self.book.get(str(p))) is not None}
+
+
 async def ordered_executors(
     node: Node,
     model: str,
     loads: Mapping[ID, LoadAnnouncement] | None = None,
     *,
     timeout: float = 10.0,
+    choice: Choice | None = None,
 ) -> list[PeerInfo]:
-    """Executors for ``model``, best first: measured latency and announced load."""
-    found = await find_executors(node, model, timeout)
+    """Executors for ``model`` this client may use, best first: what it observed of them,
+    measured latency and announced load."""
+    rules = choice or Choice()
+    found = rules.permitted(await find_executors(node, model, timeout))
+    if not found:
+        raise NoExecutorError(f"no executor this client may use serves model {model!r}")
     by_id = {info.peer_id: info for info in found}
     rtts = await measure(node, found) if len(found) > 1 else {}
-    order = rank(list(by_id), rtts, loads or {})
+    order = rank(list(by_id), rtts, loads or {}, rules.seen(list(by_id)))
     return [by_id[pid] for pid in order]

@@ -1,10 +1,14 @@
 """Ordering executors for a request (pure code).
 
-Executors that answered a ping come first, ordered by a score that adds the measured
-round-trip time to a penalty for announced load (a fully loaded executor counts as
-``LOAD_PENALTY_MS`` slower; one announcing ``active >= max`` goes last among the
-reachable). Executors not measured keep the order in which the DHT returned them, after
-the measured ones; that first-found order is the fallback when nothing was measured.
+What this client observed comes ahead of what executors announce (any peer can announce
+anything): an executor whose requests mostly failed, or whose receipts this client had to
+refuse (:class:`~lloom.client.observed.Seen`), goes last. The others are ordered by a cost
+in milliseconds: the observed time to a useful answer when known, else the measured
+round-trip time; plus a penalty for announced load (a fully loaded executor counts as
+``LOAD_PENALTY_MS`` slower; one announcing ``active >= max`` goes after the rest) and one
+for observed unreliability (``UNRELIABILITY_PENALTY_MS`` times its share of bad outcomes).
+Executors neither measured nor observed keep the order in which the DHT returned them,
+after the measured ones; that first-found order is the fallback when nothing is known.
 """
 
 from __future__ import annotations
@@ -12,10 +16,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
+from lloom.client.observed import Seen
 from lloom.protocol.announce import LoadAnnouncement
 
 #: Milliseconds of latency that a fully loaded executor is considered to cost.
 LOAD_PENALTY_MS = 200.0
+#: Milliseconds an executor with only bad outcomes is considered to cost.
+UNRELIABILITY_PENALTY_MS = 5000.0
+#: Share of bad outcomes from which an executor goes last, whatever it announces.
+UNRELIABLE = 0.5
 
 K = TypeVar("K")
 
@@ -24,16 +33,25 @@ def rank(
     found: Sequence[K],
     rtt_ms: Mapping[K, float],
     loads: Mapping[K, LoadAnnouncement],
+    seen: Mapping[K, Seen] | None = None,
 ) -> list[K]:
     """``found`` reordered best first (see the module docstring)."""
+    observed = seen or {}
 
     def score(item: tuple[int, K]) -> tuple[int, float, int]:
         index, key = item
+        mine = observed.get(key)
+        if mine is not None and mine.bad and mine.unreliability >= UNRELIABLE:
+            return (3, mine.unreliability, index)
+        cost = mine.cost_ms() if mine is not None else None
+        if cost is None:
+            cost = rtt_ms.get(key)
+        if cost is None:
+            return (2, 0.0, index)
         load = loads.get(key)
         saturated = load is not None and load.active >= load.max
-        if key not in rtt_ms:
-            return (2, 0.0, index)
-        penalty = load.load * LOAD_PENALTY_MS if load is not None else 0.0
-        return (1 if saturated else 0, rtt_ms[key] + penalty, index)
+        cost += load.load * LOAD_PENALTY_MS if load is not None else 0.0
+        cost += mine.unreliability * UNRELIABILITY_PENALTY_MS if mine is not None else 0.0
+        return (1 if saturated else 0, cost, index)
 
     return [key for _, key in sorted(enumerate(found), key=score)]

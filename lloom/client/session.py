@@ -19,6 +19,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from lloom.client.observed import ExecutorBook
 from lloom.client.receipts import ReceiptSigner
 from lloom.errors import (
     AllExecutorsFailed,
@@ -51,6 +52,8 @@ class Result:
     #: The complete response object (non-streaming requests only).
     response: dict[str, Any] | None
     chunks: int
+    #: Whether this client refused the receipt the executor asked for.
+    receipt_refused: bool = False
 
 
 async def _open(node: Node, info: PeerInfo, timeout: float) -> FramedStream:
@@ -107,7 +110,8 @@ async def _answer_receipt(
     text: str,
     end: llm.End,
     signer: ReceiptSigner | None,
-) -> None:
+) -> bool:
+    """Answer the receipt request of ``end``; whether it was refused."""
     answer: llm.Message
     if signer is None:
         answer = llm.Refusal(end.request_id, "this client does not sign receipts")
@@ -116,6 +120,7 @@ async def _answer_receipt(
         if isinstance(answer, llm.Refusal):
             logger.warning("refused to sign the executor's usage: %s", answer.reason)
     await framed.write_frame(llm.encode(answer))
+    return isinstance(answer, llm.Refusal) and signer is not None
 
 
 async def _exchange(
@@ -147,8 +152,9 @@ async def _exchange(
                 response = data
                 text.append(billing.delivered_text(data))
             case llm.End():
+                refused = False
                 if msg.receipt is not None:
-                    await _answer_receipt(
+                    refused = await _answer_receipt(
                         framed,
                         request=request,
                         peer_id=peer_id,
@@ -156,7 +162,7 @@ async def _exchange(
                         end=msg,
                         signer=signer,
                     )
-                return Result(peer_id, msg, response, chunks), chunks
+                return Result(peer_id, msg, response, chunks, refused), chunks
             case llm.Error(code=code, message=message):
                 raise RemoteError(code.value, message)
             case _:
@@ -227,6 +233,26 @@ async def _finish(framed: FramedStream, pool: StreamPool | None, peer_id: ID) ->
         await framed.close()
 
 
+def _observe(book: ExecutorBook, result: Result, started: float, first_at: float | None) -> None:
+    """Note a finished request: its time to first token, its speed, a refused receipt."""
+    peer = str(result.executor)
+    if result.receipt_refused:
+        book.refused(peer)
+        return
+    now = trio.current_time()
+    first = first_at if first_at is not None else now
+    book.succeeded(peer, first - started, result.end.usage.completion_tokens, now - first)
+
+
+#: Error codes that are no fault of the executor's (it is full; this client owes receipts).
+_NO_FAULT = frozenset({"busy", "receipt_required", "bad_request", "too_large"})
+
+
+def _misbehaved(exc: LloomError) -> bool:
+    """Whether a failure counts against the executor."""
+    return not (isinstance(exc, RemoteError) and exc.code in _NO_FAULT)
+
+
 def retryable(exc: LloomError) -> bool:
     """Whether another executor may succeed after ``exc`` (see :mod:`lloom.errors`)."""
     return exc.retryable
@@ -242,14 +268,19 @@ async def request_with_failover(
     total_timeout: float | None = None,
     pool: StreamPool | None = None,
     signer: ReceiptSigner | None = None,
+    book: ExecutorBook | None = None,
 ) -> Result:
-    """Try ``candidates`` in order until one answers (see the module docstring)."""
+    """Try ``candidates`` in order until one answers (see the module docstring); what each
+    one did goes into ``book``."""
     errors: list[tuple[str, str]] = []
     delivered = 0
+    first_at: float | None = None
 
     async def counting(chunk: dict[str, Any]) -> None:
-        nonlocal delivered
+        nonlocal delivered, first_at
         delivered += 1
+        if first_at is None:
+            first_at = trio.current_time()
         if on_chunk is not None:
             await on_chunk(chunk)
 
@@ -257,8 +288,9 @@ async def request_with_failover(
     try:
         with trio.fail_at(deadline):
             for info in candidates:
+                started = trio.current_time()
                 try:
-                    return await send_request(
+                    result = await send_request(
                         node,
                         info,
                         request,
@@ -267,7 +299,12 @@ async def request_with_failover(
                         pool=pool,
                         signer=signer,
                     )
+                    if book is not None:
+                        _observe(book, result, started, first_at)
+                    return result
                 except (RemoteError, NetworkError, ProtocolError) as exc:
+                    if book is not None and _misbehaved(exc):
+                        book.failed(str(info.peer_id))
                     if delivered:
                         raise PartialResponseError(
                             f"executor {info.peer_id} failed after {delivered} chunk(s): {exc}"

@@ -194,7 +194,7 @@ class GatewayApp:
         self.m.requests.labels("models").inc()
         data = [
             {"id": model, "object": "model", "owned_by": "lloom", "executors": count}
-            for model, count in sorted(self.gateway.models().items())
+            for model, count in sorted((await self.gateway.models()).items())
         ]
         return JSONResponse({"object": "list", "data": data})
 

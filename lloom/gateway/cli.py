@@ -12,14 +12,19 @@ import trio
 from lloom import __version__
 from lloom.cli.common import (
     EXIT_OK,
-    add_chain_args,
     add_identity_args,
-    domain_from_args,
     identity_from_args,
     report_error,
 )
 from lloom.cli.keys import default_key_usage_path
 from lloom.client.loads import follow_loads
+from lloom.client.observed import EXECUTOR_BOOK, ExecutorBook
+from lloom.client.options import (
+    add_chain_args,
+    add_choice_args,
+    choice_from_args,
+    domain_from_args,
+)
 from lloom.client.receipts import Ledger, ReceiptSigner
 from lloom.errors import LloomError, NetworkError, UsageError
 from lloom.gateway.app import Access, build_app
@@ -44,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_identity_args(parser)
     add_chain_args(parser)
+    add_choice_args(parser)
     parser.add_argument(
         "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="HTTP address (port 0: any)"
     )
@@ -127,15 +133,18 @@ async def _serve(
         bootstrap=parse_multiaddr_list(args.bootstrap_nodes, need_peer_id=True), pubsub=True
     )
     ledger = Ledger(default_data_dir() / "client-ledger.sqlite3")
+    book = ExecutorBook(default_data_dir() / EXECUTOR_BOOK)
     try:
         with shutdown_signals() as signals:
             async with open_node(identity, config) as node, trio.open_nursery() as nursery:
                 if not node.host.get_connected_peers():
                     raise NetworkError("no bootstrap node reachable")
                 signer = ReceiptSigner(identity, ledger, domain_from_args(args))
-                gateway = Gateway(node, signer, timeout=args.timeout)
+                choice = choice_from_args(args, book)
+                gateway = Gateway(node, signer, timeout=args.timeout, choice=choice)
                 gateway.nursery = nursery
                 nursery.start_soon(follow_loads, node, gateway.loads)
+                nursery.start_soon(_keep_saving, book)
                 bound = await start_http(nursery, build_app(gateway, access=access), host, port)
                 announce_ready(ready_line(node, "gateway", (("http", bound),)))
                 logger.info("gateway on http://%s/v1", bound)
@@ -144,6 +153,14 @@ async def _serve(
                 nursery.cancel_scope.cancel()
     finally:
         ledger.close()
+        book.save()
+
+
+async def _keep_saving(book: ExecutorBook, every: float = 30.0) -> None:
+    """Write what was observed of executors every ``every`` seconds."""
+    while True:
+        await trio.sleep(every)
+        await trio.to_thread.run_sync(book.save)
 
 
 def main(argv: list[str] | None = None) -> int:

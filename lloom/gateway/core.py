@@ -8,6 +8,7 @@ signs receipts automatically.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,15 +16,20 @@ from typing import Any
 import trio
 from libp2p.peer.peerinfo import PeerInfo
 
-from lloom.client.discovery import find_executors, measure
+from lloom.client.discovery import Choice, find_executors, measure
 from lloom.client.loads import LoadTable
+from lloom.client.observed import ExecutorBook
 from lloom.client.ranking import rank
 from lloom.client.receipts import ReceiptSigner
 from lloom.client.session import Result, StreamPool, request_with_failover
+from lloom.errors import LloomError, NoExecutorError
 from lloom.node.node import Node
 from lloom.protocol import llm
 
 ChunkCallback = Callable[[dict[str, Any]], Awaitable[None]]
+
+#: Most models ``/v1/models`` looks up in the DHT at once.
+MAX_LISTED_MODELS = 64
 
 
 class Gateway:
@@ -36,9 +42,12 @@ class Gateway:
         *,
         discovery_ttl: float = 10.0,
         timeout: float = 300.0,
+        choice: Choice | None = None,
     ) -> None:
         self.node = node
         self.signer = signer
+        #: Which executors may be used, and what was observed of them.
+        self.choice = choice or Choice(book=ExecutorBook())
         self.discovery_ttl = discovery_ttl
         self.timeout = timeout
         self.pool = StreamPool(node, max_idle_per_peer=64)
@@ -52,13 +61,16 @@ class Gateway:
         now = time.monotonic()
         cached = self._found.get(model)
         if cached is None or now - cached[0] > self.discovery_ttl:
-            found = await find_executors(self.node, model)
+            found = self.choice.permitted(await find_executors(self.node, model))
+            if not found:
+                raise NoExecutorError(f"no executor this gateway may use serves {model!r}")
             rtts = await measure(self.node, found) if len(found) > 1 else {}
             cached = (now, found, rtts)
             self._found[model] = cached
         _, found, rtts = cached
         by_id = {info.peer_id: info for info in found}
-        return [by_id[p] for p in rank(list(by_id), rtts, self.loads.current())]
+        seen = self.choice.seen(list(by_id))
+        return [by_id[p] for p in rank(list(by_id), rtts, self.loads.current(), seen)]
 
     def forget(self, model: str) -> None:
         """Drop the cached executors of ``model`` (after they all failed)."""
@@ -76,11 +88,28 @@ class Gateway:
                 total_timeout=self.timeout,
                 pool=self.pool,
                 signer=self.signer,
+                book=self.choice.book,
             )
         except Exception:
             self.forget(request.model)
             raise
 
-    def models(self) -> dict[str, int]:
-        """Models announced on the network, with how many executors serve each."""
-        return self.loads.models()
+    async def models(self, limit: int = MAX_LISTED_MODELS) -> dict[str, int]:
+        """Models announced on the network that have a provider in the DHT this gateway
+        may use, with how many executors it found for each.
+
+        Announcements alone are any gossip peer's word; a model is listed only once a DHT
+        lookup (cached like requests' lookups) found an executor for it. At most ``limit``
+        models are looked up, the most announced first.
+        """
+        announced = sorted(self.loads.models().items(), key=lambda kv: (-kv[1], kv[0]))
+        listed: dict[str, int] = {}
+
+        async def one(model: str) -> None:
+            with contextlib.suppress(LloomError):
+                listed[model] = len(await self.executors(model))
+
+        async with trio.open_nursery() as nursery:
+            for model, _ in announced[:limit]:
+                nursery.start_soon(one, model)
+        return dict(sorted(listed.items()))

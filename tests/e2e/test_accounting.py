@@ -17,7 +17,13 @@ from lloom.chain.contract import accounting, connect
 from lloom.identity import Identity
 from lloom.protocol import billing
 from tests.support.anvil import ANVIL_CHAIN_ID, KEYS, start_anvil
-from tests.support.network import start_executor, start_gateway, start_mock, start_validator
+from tests.support.network import (
+    eventually,
+    start_executor,
+    start_gateway,
+    start_mock,
+    start_validator,
+)
 from tests.support.procs import Proc, Processes, script
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -124,7 +130,7 @@ def test_design_end_to_end_with_verified_receipts(procs: Processes) -> None:
     second = ask(procs, v.listen[0], "and again please", contract=contract)
     assert second.returncode == 0, second.stderr
     one, two = billed("hello chain"), billed("and again please")
-    assert rows(data_dir) == [(*one, "signed"), (*two, "signed")]
+    eventually(lambda: rows(data_dir) == [(*one, "signed"), (*two, "signed")], what="receipts")
     both = sum(one) + sum(two)
 
     settle_now(ex_proc)
@@ -204,7 +210,7 @@ def test_a_backend_that_inflates_its_usage_bills_nothing_more(procs: Processes) 
     expected = billed(prompt)
     assert (doc["usage"]["prompt_tokens"], doc["usage"]["completion_tokens"]) == expected
     assert doc["backend_usage"]["completion_tokens"] > 10 * expected[1]
-    assert rows(data_dir) == [(*expected, "signed")]
+    eventually(lambda: rows(data_dir) == [(*expected, "signed")], what="the receipt")
     settle_now(ex_proc)
     assert [e["tokenCount"] for e in chain_usage(rpc, contract)] == [sum(expected)]
 
@@ -248,6 +254,8 @@ def test_refusal_lost_ledger_and_crossing_ends_still_settle_exactly(procs: Proce
                 nursery.start_soon(one, "short")
 
     trio.run(both)
+    # The executor stores each receipt as it arrives, just after the answer ended.
+    eventually(lambda: all(r[2] is not None for r in rows(data_dir)), what="receipts stored")
     statuses = [r[2] for r in rows(data_dir)]
     assert statuses.count("signed") == 4 and len(statuses) == 5, statuses
     signed = [(p, c) for p, c, status in rows(data_dir) if status == "signed"]

@@ -17,7 +17,13 @@ import pytest
 from lloom.gateway.keys import new_key
 from tests.e2e.test_accounting import EXECUTOR_KEY, chain_section, deploy
 from tests.support.anvil import ANVIL_CHAIN_ID, start_anvil
-from tests.support.network import start_executor, start_gateway, start_mock, start_validator
+from tests.support.network import (
+    eventually,
+    start_executor,
+    start_gateway,
+    start_mock,
+    start_validator,
+)
 from tests.support.procs import Processes, script
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -81,7 +87,7 @@ def test_a_keyed_gateway_spends_nothing_for_strangers(procs: Processes, tmp_path
         assert good.headers["x-ratelimit-limit-requests"] == "100"
         request_id = good.headers["x-request-id"]
         metrics = http.get(base.removesuffix("/v1") + "/metrics", headers=auth).text
-    assert usage_rows(data_dir) == [(request_id, "signed")]
+    eventually(lambda: usage_rows(data_dir) == [(request_id, "signed")], what="signed row")
     assert 'lloom_gateway_key_requests_total{key="alice"} 1.0' in metrics
     report = procs.run(
         "keys-usage",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lloom.readyline import ReadyLine
@@ -87,4 +89,21 @@ def start_gateway(
     return proc, f"http://{ready.get('http')}/v1"
 
 
-__all__ = ["start_executor", "start_gateway", "start_mock", "start_validator", "write_config"]
+def eventually(check: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    """Wait until ``check()`` holds (polling, under a deadline): for state another process
+    writes just after it answered, such as a receipt stored after the answer ended."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what or check}")
+        time.sleep(0.05)
+
+
+__all__ = [
+    "eventually",
+    "start_executor",
+    "start_gateway",
+    "start_mock",
+    "start_validator",
+    "write_config",
+]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,10 @@ def test_leftover_check_never_touches_another_program() -> None:
     argv = [sys.executable, "-c", "import time; time.sleep(60)"]
     proc = subprocess.Popen(argv)
     try:
+        # The kernel shows the new command line once the child has exec'd: wait for it.
+        deadline = time.monotonic() + 10
+        while not still_ours(proc.pid, argv) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert still_ours(proc.pid, argv)
         assert not still_ours(proc.pid, [*argv, "other"])
         assert not end_leftover(proc.pid, [sys.executable, "-c", "something else"])

@@ -56,7 +56,7 @@ class FakeGateway:
         response = None if request.stream else {"choices": [{"message": {"content": "Hello"}}]}
         return Result(EXECUTOR, end, response, 2)
 
-    def models(self) -> dict[str, int]:
+    async def models(self) -> dict[str, int]:
         return {"m": 1}
 
 

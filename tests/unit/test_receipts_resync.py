@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from lloom.chain.receipts import Domain
-from lloom.client.receipts import Ledger, ReceiptSigner
+from lloom.client.receipts import Ledger, ReceiptSigner, counted_usage
 from lloom.client.session import _exchange
 from lloom.executor.handler import Limits, RequestHandler
 from lloom.executor.receipts import ReceiptBook
@@ -146,9 +146,7 @@ async def test_many_concurrent_requests_on_one_channel(tmp_path: Path) -> None:
 
 
 def end_for(request: llm.Request, text: str, **changes: Any) -> tuple[llm.End, llm.ReceiptRequest]:
-    usage = llm.Usage(
-        billing.prompt_tokens(request.kind, request.body), billing.completion_tokens(text, None)
-    )
+    usage = counted_usage(request, text)
     asked = llm.ReceiptRequest(
         changes.pop("executor", EXECUTOR.address),
         changes.pop("chain_id", DOMAIN.chain_id),
@@ -218,4 +216,27 @@ async def test_no_chain_configured_signs_nothing(tmp_path: Path) -> None:
     signer = ReceiptSigner(CLIENT, Ledger(tmp_path / "l.sqlite3"), None)
     answer = signer.answer(EXECUTOR.address, request, "hi there", end)
     assert isinstance(answer, llm.Refusal) and "not configured for a chain" in answer.reason
+    signer.ledger.close()
+
+
+async def test_never_beyond_max_tokens_nor_for_an_empty_answer(tmp_path: Path) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    request = llm.Request(llm.RequestKind.CHAT, body)
+    text = "a long answer " * 40
+    uncapped = llm.Usage(billing.prompt_tokens(request.kind, body), billing.count(text))
+    end, _ = end_for(
+        request,
+        text,
+        usage=uncapped,
+        prompt_total=uncapped.prompt_tokens,
+        completion_total=uncapped.completion_tokens,
+    )
+    signer = ReceiptSigner(CLIENT, Ledger(tmp_path / "l.sqlite3"), DOMAIN)
+    answer = signer.answer(EXECUTOR.address, request, text, end)
+    assert isinstance(answer, llm.Refusal) and "not the billing count" in answer.reason
+    capped, _ = end_for(request, text)
+    assert capped.usage.completion_tokens == 1  # what the client signs at most
+    empty, _ = end_for(request, "")
+    answer = signer.answer(EXECUTOR.address, request, "", empty)
+    assert isinstance(answer, llm.Refusal) and answer.reason == "the answer was empty"
     signer.ledger.close()
