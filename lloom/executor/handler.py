@@ -20,8 +20,6 @@ from typing import Any, Protocol
 import trio
 
 from lloom.errors import (
-    BackendError,
-    BackendHTTPError,
     BackendTimeout,
     FrameTooLarge,
     InternalError,
@@ -33,8 +31,10 @@ from lloom.errors import (
     Refused,
     as_lloom_error,
 )
+from lloom.executor.error_frames import error_frame
 from lloom.executor.metrics import ExecutorMetrics
 from lloom.executor.receipts import ReceiptBook
+from lloom.executor.shares import Channels, Counter
 from lloom.executor.usage import UsageRecord
 from lloom.node.streams import FramedStream
 from lloom.protocol import billing, llm, openai_body
@@ -93,32 +93,6 @@ class Limits:
     receipt_timeout_secs: float = 10.0
 
 
-#: What a peer is told when a backend fails; the backend's own text stays in the local log
-#: (it may hold internal addresses or echoed keys).
-_BACKEND_MESSAGES = {
-    ErrorCode.BACKEND_UNREACHABLE: "the executor's backend is unreachable",
-    ErrorCode.BACKEND_TIMEOUT: "the executor's backend timed out",
-    ErrorCode.BACKEND_ERROR: "the executor's backend failed",
-}
-
-
-def error_frame(exc: LloomError) -> llm.Error:
-    """The ``error`` frame a peer gets for ``exc``: a code and a message that reveals
-    nothing of the executor (peer input errors and refusals are about the peer's request)."""
-    code = exc.error_code
-    status = 0
-    if isinstance(exc, PeerInputError | Refused):
-        message = str(exc)
-    elif isinstance(exc, BackendError):
-        message = _BACKEND_MESSAGES.get(code, "the executor's backend failed")
-        if isinstance(exc, BackendHTTPError) and 400 <= exc.status < 500:
-            status = exc.status
-            message = f"the executor's backend refused the request (HTTP {exc.status})"
-    else:
-        code, message = ErrorCode.INTERNAL, "internal error"
-    return llm.Error(code, message, status)
-
-
 @dataclass
 class _Outcome:
     """What a backend call produced, for usage accounting."""
@@ -152,10 +126,9 @@ class RequestHandler:
         self.receipts = receipts
         self.remote_media_models = remote_media_models
         self._slots = trio.Semaphore(limits.max_concurrent_requests)
-        self._per_peer: dict[str, int] = {}
-        self._streams: dict[str, int] = {}
-        #: Per channel (client, model): its lock and how many requests use it.
-        self._channels: dict[tuple[str, str], tuple[trio.Lock, int]] = {}
+        self._requests = Counter[str](limits.max_requests_per_peer, "requests running here")
+        self._streams = Counter[str](limits.max_streams_per_peer, "open streams")
+        self._channels = Channels[tuple[str, str]]()
         self.active = 0
         self.served = 0
 
@@ -177,26 +150,15 @@ class RequestHandler:
         it, stays idle longer than ``keepalive_secs``, breaks the framing, or when the
         client already holds ``max_streams_per_peer`` streams.
         """
-        open_streams = self._streams.get(client_address, 0)
-        if open_streams >= self.limits.max_streams_per_peer:
-            refusal = Refused(
-                ErrorCode.BUSY,
-                f"too many open streams from you ({self.limits.max_streams_per_peer} at most)",
-            )
-            await self._send_error(framed, refusal, client_address)
-            return await framed.discard()
-        self._streams[client_address] = open_streams + 1
         try:
-            await self._serve_stream(framed, client_address)
+            with self._streams.hold(client_address):
+                await self._serve_stream(framed, client_address)
+        except Refused as refusal:  # this peer holds too many streams
+            await self._send_error(framed, refusal, client_address)
+            await framed.discard()
         except Exception as exc:  # the last boundary: log, drop this stream, carry on
             self._log_failure(as_lloom_error(exc), exc, client_address)
             await framed.reset()
-        finally:
-            left = self._streams[client_address] - 1
-            if left:
-                self._streams[client_address] = left
-            else:
-                del self._streams[client_address]
 
     async def _serve_stream(self, framed: FramedStream, client_address: str) -> None:
         timeout = self.limits.first_frame_timeout_secs
@@ -232,44 +194,43 @@ class RequestHandler:
                 ErrorCode.UNKNOWN_MODEL,
                 f"model {request.model!r} is not served here; served: " + ", ".join(self.models),
             )
-        mine = self._per_peer.get(client_address, 0)
-        if mine >= self.limits.max_requests_per_peer:
-            raise Refused(
-                ErrorCode.BUSY,
-                f"you have {mine} requests running here "
-                f"({self.limits.max_requests_per_peer} at most per client)",
-            )
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            raise Refused(
-                ErrorCode.BUSY,
-                f"executor busy ({self.limits.max_concurrent_requests} requests running)",
-            ) from None
-        self._per_peer[client_address] = mine + 1
-        try:
-            if self.receipts is not None and await self.receipts.blocked(client_address):
-                raise Refused(
-                    ErrorCode.RECEIPT_REQUIRED,
-                    "too many of your requests are unsigned; sign receipts to be served",
-                )
-            self.active += 1
-            self.metrics.active.inc()
+        with self._requests.hold(client_address):
             try:
-                record, backend_usage = await self._serve(
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                raise Refused(
+                    ErrorCode.BUSY,
+                    f"executor busy ({self.limits.max_concurrent_requests} requests running)",
+                ) from None
+            try:
+                record, backend_usage = await self._run(
                     framed, request, backend, client_address, client_limit
                 )
             finally:
-                self.active -= 1
-                self.metrics.active.dec()
-        finally:
-            self._slots.release()
-            left = self._per_peer[client_address] - 1
-            if left:
-                self._per_peer[client_address] = left
-            else:
-                del self._per_peer[client_address]
+                self._slots.release()
         return await self._finish(framed, record, backend_usage)
+
+    async def _run(
+        self,
+        framed: FramedStream,
+        request: llm.Request,
+        backend: Backend,
+        client_address: str,
+        client_limit: int | None,
+    ) -> tuple[UsageRecord, llm.Usage | None]:
+        """Serve one admitted request (a slot held)."""
+        if self.receipts is not None and await self.receipts.blocked(client_address):
+            raise Refused(
+                ErrorCode.RECEIPT_REQUIRED,
+                "too many of your requests are unsigned; sign receipts to be served",
+            )
+        self.active += 1
+        self.metrics.active.inc()
+        try:
+            return await self._serve(framed, request, backend, client_address, client_limit)
+        finally:
+            self.active -= 1
+            self.metrics.active.dec()
 
     async def _collect_receipt(
         self, framed: FramedStream, record: UsageRecord, asked: llm.ReceiptRequest
@@ -344,27 +305,17 @@ class RequestHandler:
         channel (client, model) at a time: each receipt asked adds to the last one signed,
         so two requests whose ends crossed can never ask for overlapping totals. Returns a
         next request that arrived in place of a receipt."""
-        key = (record.client_address, record.model)
-        lock, users = self._channels.get(key, (trio.Lock(), 0))
-        self._channels[key] = (lock, users + 1)
-        try:
-            async with lock:
-                asked = None
-                if self.receipts is not None:
-                    asked = await self.receipts.request_for(record)
-                await self.usage.record(record, asked)
-                usage = llm.Usage(record.prompt_tokens, record.completion_tokens)
-                end = llm.End(record.request_id, record.model, usage, backend_usage, asked)
-                await framed.write_frame(llm.encode(end))
-                if asked is None:
-                    return None
-                return await self._collect_receipt(framed, record, asked)
-        finally:
-            lock, users = self._channels[key]
-            if users > 1:
-                self._channels[key] = (lock, users - 1)
-            else:
-                del self._channels[key]
+        async with self._channels.one_at_a_time((record.client_address, record.model)):
+            asked = None
+            if self.receipts is not None:
+                asked = await self.receipts.request_for(record)
+            await self.usage.record(record, asked)
+            usage = llm.Usage(record.prompt_tokens, record.completion_tokens)
+            end = llm.End(record.request_id, record.model, usage, backend_usage, asked)
+            await framed.write_frame(llm.encode(end))
+            if asked is None:
+                return None
+            return await self._collect_receipt(framed, record, asked)
 
     async def _complete(
         self, framed: FramedStream, request: llm.Request, backend: Backend
