@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lloom.paths import private_file
+from lloom.sqlite import open_private_db
 
 #: Weight of the newest sample in the moving averages.
 EWMA = 0.3
@@ -68,13 +68,12 @@ class ExecutorBook:
             self._load(path)
 
     def _connect(self, path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(private_file(path), isolation_level=None)
-        db.execute(
+        return open_private_db(
+            path,
             "CREATE TABLE IF NOT EXISTS seen (peer_id TEXT PRIMARY KEY, successes INTEGER, "
             "failures INTEGER, refusals INTEGER, ttft_ms REAL, tokens_per_s REAL, "
-            "last_seen REAL)"
+            "last_seen REAL);",
         )
-        return db
 
     def _load(self, path: Path) -> None:
         db = self._connect(path)

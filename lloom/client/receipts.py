@@ -21,15 +21,14 @@ the next receipt it asks starts again from the last signed totals.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from lloom.chain.receipts import Domain, Receipt, sign, signer_of
 from lloom.identity import Identity
-from lloom.paths import private_file
 from lloom.protocol import billing, llm, openai_body
+from lloom.sqlite import open_private_db
 
 MIN_DEADLINE_SECS = 60
 MAX_DEADLINE_SECS = 31 * 24 * 3600
@@ -48,14 +47,11 @@ class Ledger:
     chain, contract), in SQLite (mode 0600)."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(
-            private_file(path), check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
+        self._db = open_private_db(
+            path,
             "CREATE TABLE IF NOT EXISTS signed (client TEXT, executor TEXT, model TEXT, "
             "chain_id INTEGER, contract TEXT, prompt_total INTEGER, completion_total INTEGER, "
-            "PRIMARY KEY (client, executor, model, chain_id, contract))"
+            "PRIMARY KEY (client, executor, model, chain_id, contract));",
         )
         self._lock = threading.Lock()
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import threading
 import time
 import tomllib
@@ -34,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lloom.errors import ConfigError, RateLimited, Unauthorized
-from lloom.paths import exposed_to_others, private_file
+from lloom.paths import exposed_to_others
+from lloom.sqlite import open_private_db
 
 #: Environment variable holding keys (``KEY`` or ``name=KEY``, comma separated).
 ENV_KEYS = "LLOOM_GATEWAY_API_KEYS"
@@ -251,14 +251,11 @@ class KeyUsage:
     """Requests and tokens per key and UTC day, in SQLite (thread-safe; file mode 0600)."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(
-            private_file(path), check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
+        self._db = open_private_db(
+            path,
             "CREATE TABLE IF NOT EXISTS key_usage (key TEXT NOT NULL, day INTEGER NOT NULL, "
             "requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL, "
-            "completion_tokens INTEGER NOT NULL, PRIMARY KEY (key, day))"
+            "completion_tokens INTEGER NOT NULL, PRIMARY KEY (key, day));",
         )
         self._lock = threading.Lock()
 
