@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from eth_typing import HexStr
 from web3 import Web3
 from web3.contract import Contract
 from web3.logs import DISCARD
@@ -175,3 +176,19 @@ def test_gas_per_request_verified(chain: tuple[Web3, Contract]) -> None:
     )
     assert gas_steady / 100 <= 2000
     assert c.functions.verifiedTokensByExecutor(EXECUTOR.address).call() == 10 * (100 + 160)
+
+
+def test_a_devnet_replaces_an_older_accounting_it_finds(procs: Processes) -> None:
+    """A devnet's recorded contract is reused only if it is this version's (it has the
+    verified totals); an older one — here a stand-in without them — is replaced."""
+    from lloom.devnet.chain import ensure_contract
+
+    _, rpc = start_anvil(procs)
+    w3 = connect(rpc)
+    # Creation code of a contract whose whole runtime code is STOP.
+    stand_in = send_and_wait(w3, EXECUTOR, {"data": HexStr("0x6001600c60003960016000f300")})
+    old = stand_in["contractAddress"]
+    assert old is not None and w3.eth.get_code(old)
+    address, chain_id, reused = ensure_contract(rpc, EXECUTOR, str(old))
+    assert not reused and address != old and chain_id == 31337
+    assert ensure_contract(rpc, EXECUTOR, address) == (address, chain_id, True)
