@@ -257,9 +257,9 @@ class RequestHandler:
             raise ProtocolError(f"expected a request message, not {type(msg).__name__}")
         model = msg.body.get("model")
         policy = self.policy(model) if isinstance(model, str) else Policy(self.limits.max_tokens)
-        asked = openai_body.normalize(msg.kind, msg.body)
-        body = openai_body.normalize(msg.kind, msg.body, policy)
-        return llm.Request(msg.kind, body, msg.request_id), openai_body.completion_limit(asked)
+        body = openai_body.normalize(msg.kind, msg.body, policy)  # validates msg.body too
+        client_limit = openai_body.completion_limit(msg.body)
+        return llm.Request(msg.kind, body, msg.request_id), client_limit
 
     async def _serve(
         self,
