@@ -15,7 +15,9 @@ in flight) the :class:`Settler`
 Before anything else a round checks that the chain is still the one it settled on
 (:meth:`Settler.check_chain`): the same chain id and genesis block, and contract code at the
 address. A chain that was reset or replaced makes every settlement made on it ``lost``
-(its usage is unsettled again, so nothing leaves a nonce gap); with no contract at the
+(its usage is unsettled again, so nothing leaves a nonce gap), and so does a confirmed one
+whose nonce the account no longer shows as used (a chain rolled back to an older state);
+with no contract at the
 address the round stops there, with :attr:`RoundReport.halted` saying why (loudly, once), and
 settlement resumes, with exact totals, once a contract is there again. A pending
 transaction whose nonce is above the account's next one can never be mined; it is ``lost``
@@ -163,6 +165,22 @@ class Settler:
                 f"no contract at {self.contract.address} on chain {self.w3.eth.chain_id}: "
                 "was the chain reset? Settlement waits until the contract is deployed there "
                 "again; usage is kept"
+            )
+        # A chain rolled back (a node restarted from an older state, a deep reorg): a
+        # confirmed settlement whose nonce the account has not used is no longer there.
+        mined = self.w3.eth.get_transaction_count(self.address, "latest")
+        before = len(report.lost)
+        self._lose(
+            "SELECT id, tx_hash FROM settlements WHERE status = ? AND nonce >= ?",
+            (CONFIRMED, mined),
+            report,
+        )
+        if len(report.lost) > before:
+            logger.error(
+                "the chain no longer holds %d confirmed settlement(s) (the account's nonce is "
+                "%d): their usage will be settled again",
+                len(report.lost) - before,
+                mined,
             )
         # A pending transaction above the account's next nonce can never be mined.
         next_nonce = self.w3.eth.get_transaction_count(self.address, "pending")
@@ -327,14 +345,20 @@ class Settler:
         built = call.build_transaction(tx)
         raw, tx_hash = sign_tx(self.identity, built)
         with self.store.transaction() as db:
-            cursor = db.execute(
+            # The same batch with the same nonce signs to the same bytes: after a chain reset
+            # a lost settlement comes back as itself.
+            db.execute(
                 "INSERT INTO settlements (mode, nonce, tx_hash, raw_tx, status, items, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (self.mode, nonce, tx_hash, raw, PENDING, json.dumps(items), time.time()),
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tx_hash) DO UPDATE SET "
+                "status = excluded.status, created_at = excluded.created_at, "
+                "block_number = NULL, block_hash = NULL WHERE settlements.status = ?",
+                (self.mode, nonce, tx_hash, raw, PENDING, json.dumps(items), time.time(), LOST),
             )
+            (sid,) = db.execute(
+                "SELECT id FROM settlements WHERE tx_hash = ? AND status = ?", (tx_hash, PENDING)
+            ).fetchone()
             for request_id in request_ids or []:
                 db.execute(
-                    "UPDATE usage SET settlement_id = ? WHERE request_id = ?",
-                    (cursor.lastrowid, request_id),
+                    "UPDATE usage SET settlement_id = ? WHERE request_id = ?", (sid, request_id)
                 )
         return tx_hash, raw, len(items)

@@ -180,3 +180,44 @@ def test_chain_reset_is_reported_then_everything_settles_on_the_new_contract(
     everything = sum(billed("one")) + sum(billed("two two"))
     assert total_on_chain(rpc, contract) == everything
     assert [e["tokenCount"] for e in chain_usage(rpc, contract)] == [everything]
+
+
+def test_chain_rolled_back_below_the_stored_nonce(procs: Processes) -> None:
+    """The chain returns to an older state (same genesis, contract still there) that lacks a
+    confirmed settlement: the account's nonce is below the one stored. The executor marks
+    it lost and settles everything again, with the chain's nonce: no gap, exact totals."""
+    _, rpc = start_anvil(procs)
+    contract = deploy(procs, rpc)
+    ex, boot, _ = network(procs, rpc, contract)
+    snapshot = rpc_call(rpc, "evm_snapshot", [])["result"]
+    assert ask(procs, boot, "one", contract=contract).returncode == 0
+    settle_now(ex)
+    assert total_on_chain(rpc, contract) == sum(billed("one"))
+    assert rpc_call(rpc, "evm_revert", [snapshot])["result"] is True
+    assert total_on_chain(rpc, contract) == 0  # the settlement is gone, the contract is not
+    assert ask(procs, boot, "two two", contract=contract).returncode == 0
+    assert ex.popen is not None
+    ex.popen.send_signal(signal.SIGUSR1)
+    ex.wait_for_line(lambda s: s.startswith("settlement lost"), 60)
+    ex.wait_for_line(lambda s: s.startswith("settlement confirmed"), 60)
+    everything = sum(billed("one")) + sum(billed("two two"))
+    assert total_on_chain(rpc, contract) == everything
+
+
+def test_chain_reset_with_nothing_new_settles_the_same_batch_again(procs: Processes) -> None:
+    """After a reset, the batch to send again can be the very transaction that was lost
+    (same receipt, same nonce, same bytes): it comes back as itself."""
+    anvil, rpc = start_anvil(procs)
+    port = int(rpc.rsplit(":", 1)[1])
+    contract = deploy(procs, rpc)
+    ex, boot, _ = network(procs, rpc, contract)
+    assert ask(procs, boot, "one", contract=contract).returncode == 0
+    settle_now(ex)
+    anvil.stop()
+    start_anvil(procs, "anvil-reset", port=port)
+    assert ex.popen is not None
+    ex.popen.send_signal(signal.SIGUSR1)
+    ex.wait_for_line(lambda s: s.startswith("settlement halted"), 60)
+    assert deploy(procs, rpc) == contract
+    ex.wait_for_line(lambda s: s.startswith("settlement confirmed"), 60)
+    assert total_on_chain(rpc, contract) == sum(billed("one"))
