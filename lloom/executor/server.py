@@ -62,12 +62,28 @@ def install(node: Node, handler: RequestHandler) -> None:
     node.host.set_stream_handler(TProtocol(llm.PROTOCOL_ID), on_stream)
 
 
-async def announce_keys(node: Node, models: list[str]) -> int:
-    """Provide the role key and every model's key; return how many were confirmed."""
+async def announce_keys(node: Node, models: list[str], attempts: int = 4) -> int:
+    """Provide the role key and every model's key; return how many were confirmed.
+
+    A key whose announcement no validator confirmed is announced again, up to ``attempts``
+    times with a growing pause (1, 2, 4 s): a validator busy with a crowd of joining
+    executors answers late, not never.
+    """
+    pending = [executor_role_key(), *(model_key(m) for m in models)]
     confirmed = 0
-    for key in [executor_role_key(), *(model_key(m) for m in models)]:
-        if await node.dht.provide(key):
-            confirmed += 1
+    for attempt in range(attempts):
+        if attempt:
+            await trio.sleep(2 ** (attempt - 1))
+        left = []
+        for key in pending:
+            if await node.dht.provide(key):
+                confirmed += 1
+            else:
+                left.append(key)
+        if not left:
+            break
+        logger.info("%d announcement(s) not confirmed yet; trying again", len(left))
+        pending = left
     return confirmed
 
 
@@ -84,7 +100,7 @@ async def keep_announcing(
         while True:
             await trio.sleep(reprovide_interval)
             await node.bootstrap()
-            done = await announce_keys(node, handler.models)
+            done = await announce_keys(node, handler.models, attempts=1)
             logger.debug("re-provided %d keys", done)
 
     async def publish_load() -> None:

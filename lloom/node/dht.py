@@ -17,6 +17,11 @@ Workarounds for py-libp2p 0.8.1, each with a test:
   clients) as "closer peers" and lookups then failed on them with "protocol not supported".
   :class:`ServerOnlyRoutingTable` admits a peer only once identify shows it serves
   ``/ipfs/kad/1.0.0`` (bootstrap validators are admitted directly).
+- **Twelve DHT requests at once.** py-libp2p's server resets every DHT stream beyond 12
+  at a time, node-wide; validators serve up to :data:`MAX_INBOUND_DHT_STREAMS`.
+- **Large provider sets.** A server kept at most 20 providers per key and answered with all
+  it held; validators keep up to 10,000 and answer with fair samples
+  (:mod:`lloom.node.providers`).
 - **Duplicates.** A lookup can return the same provider several times (from several
   validators, or client-mode peers handed out by a validator); providers are merged by
   PeerId, addresses united, order of first appearance kept.
@@ -39,11 +44,14 @@ from libp2p.peer.peerstore import PeerStoreError
 from multiaddr import Multiaddr
 
 from lloom.dhtkeys import cid_string
+from lloom.node.providers import ProviderPolicy
 
 logger = logging.getLogger(__name__)
 
 #: ADD_PROVIDER messages a validator accepts from one peer per 10 s.
 PROVIDER_RATE_MAX = 500
+#: DHT streams a validator serves at once (py-libp2p: 12 for the whole node).
+MAX_INBOUND_DHT_STREAMS = 256
 
 
 def dedupe_providers(providers: Iterable[PeerInfo], exclude: ID | None = None) -> list[PeerInfo]:
@@ -182,6 +190,12 @@ class Dht:
             # py-libp2p accepts 10 ADD_PROVIDER per peer per 10 s; an executor announces
             # one key per model, so a validator would refuse executors with many models.
             self.kad._provider_rate_max = PROVIDER_RATE_MAX
+            # More than 20 providers per key, handed out as fair samples.
+            ProviderPolicy(self.kad.provider_store)
+            # py-libp2p serves at most 12 DHT streams at once for the whole node and resets
+            # the rest: under load, lookups came back empty ("no executor") and executors'
+            # announcements went unconfirmed.
+            self.kad._inbound_limiter = trio.CapacityLimiter(MAX_INBOUND_DHT_STREAMS)
         self.gate = ServerOnlyRoutingTable(host, self.kad.routing_table)
         host.get_network().register_notifee(PeerJanitor(self.kad))
 

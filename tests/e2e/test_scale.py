@@ -1,0 +1,54 @@
+"""Many executors of one model: every one can announce itself, and lookups find them all."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import trio
+
+from lloom.dhtkeys import model_key
+from tests.e2e.test_failover import client_node
+from tests.support.network import start_mock, start_validator, write_config
+from tests.support.procs import Processes, script
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+EXECUTORS = 30
+
+
+async def test_thirty_executors_of_one_model_all_announce_and_are_all_found(
+    procs: Processes,
+) -> None:
+    _, url = start_mock(procs)
+    _, v = start_validator(procs)
+    boot = v.listen[0]
+    started = []
+    for i in range(EXECUTORS):  # all at once: each waits only for its own readiness
+        name = f"exec-{i}"
+        config = write_config(
+            procs.root / name / "config.toml", url, ["mock-a"], procs.root / name / "state"
+        )
+        argv = [script("lloom-executor"), "--bootstrap-nodes", boot, "--config", str(config)]
+        started.append(procs.start(name, argv))
+    ready = {proc.wait_ready(timeout=240).peer_id for proc in started}
+    assert len(ready) == EXECUTORS  # the 21st and later confirmed their announcements too
+
+    found: set[str] = set()
+    sizes = []
+    async with client_node(boot) as node:
+        with trio.fail_after(120):
+            for _ in range(40):  # each answer is a fair sample of at most 20
+                answer = await node.dht.find_providers(model_key("mock-a"))
+                sizes.append(len(answer))
+                found |= {str(info.peer_id) for info in answer}
+                if found >= ready:
+                    break
+    assert found == ready, f"{len(ready - found)} executors never found"
+    assert max(sizes) <= 20
+    # Stop the executors all at once (the fixture would stop them one after another).
+    for proc in started:
+        assert proc.popen is not None
+        proc.popen.send_signal(signal.SIGINT)
+    for proc in started:
+        assert proc.wait_exit(30) == 0
