@@ -30,7 +30,8 @@
     ├── StoreError             a local database (usage store, ledger) refused or failed
     ├── DevnetError            ``lloom devnet`` could not start or keep its local network
     ├── ClientError            a client could not get an answer
-    │   ├── NoExecutorError        nobody serves the model
+    │   ├── NoExecutorError        nobody serves the model (the DHT said so)
+    │   ├── DiscoveryFailed        the lookup itself failed (timeout, no validator): try later
     │   ├── AllExecutorsFailed     every executor tried failed before the first token
     │   ├── RequestTimeout         no answer within the client's timeout
     │   └── PartialResponseError   an executor failed after tokens were delivered
@@ -316,6 +317,17 @@ class NoExecutorError(ClientError):
     openai_type = "invalid_request_error"
     exit_code = 3
     retryable = False
+
+
+class DiscoveryFailed(ClientError):
+    """Looking executors up failed (a timeout, no validator connected): not knowing is not
+    "nobody serves it", so this is a 503 to retry, never a 404."""
+
+    code = "discovery_unavailable"
+    http_status = 503
+    openai_type = "service_unavailable"
+    #: Seconds a caller should wait before retrying.
+    retry_after = 2
 
 
 class AllExecutorsFailed(ClientError):

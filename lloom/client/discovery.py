@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 async def find_executors(node: Node, model: str, timeout: float = 10.0) -> list[PeerInfo]:
-    """Executors providing ``model``'s DHT key; raises :class:`NoExecutorError` if none."""
+    """Executors providing ``model``'s DHT key; raises :class:`NoExecutorError` if the DHT
+    says there are none, :class:`DiscoveryFailed` if the lookup itself failed."""
     found = await node.dht.find_providers(model_key(model), timeout=timeout)
     if not found:
         raise NoExecutorError(f"no executor serves model {model!r}")

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lloom.client.session import Result
-from lloom.errors import InvalidRequest, LloomError, RequestTooLarge
+from lloom.errors import DiscoveryFailed, InvalidRequest, LloomError, RequestTooLarge
 from lloom.gateway.core import Gateway
 from lloom.gateway.errors import ApiError, api_error
 from lloom.gateway.guard import AccessPolicy, Guard, new_request_id
@@ -101,7 +101,10 @@ def _failure(exc: BaseException, metrics: Metrics) -> JSONResponse:
         logger.info("request failed: %s: %s", answer.code, exc)
     else:
         logger.error("request failed: unexpected %s: %s", type(exc).__name__, exc, exc_info=exc)
-    return _error(answer, metrics)
+    response = _error(answer, metrics)
+    if isinstance(exc, DiscoveryFailed):
+        response.headers["retry-after"] = str(exc.retry_after)
+    return response
 
 
 async def _read_body(request: Request) -> dict[str, Any]:

@@ -9,6 +9,7 @@ signs receipts automatically.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,6 +28,7 @@ from lloom.node.node import Node
 from lloom.protocol import llm
 
 ChunkCallback = Callable[[dict[str, Any]], Awaitable[None]]
+logger = logging.getLogger(__name__)
 
 #: Most models ``/v1/models`` looks up in the DHT at once.
 MAX_LISTED_MODELS = 64
@@ -53,28 +55,78 @@ class Gateway:
         self.pool = StreamPool(node, max_idle_per_peer=64)
         self.loads = LoadTable()
         self._found: dict[str, tuple[float, list[PeerInfo], dict[Any, float]]] = {}
+        self._refreshing: dict[str, trio.Event] = {}
+        self._failures: dict[str, LloomError] = {}
         #: Where streamed requests run (set by whoever serves the gateway).
         self.nursery: trio.Nursery | None = None
 
     async def executors(self, model: str) -> list[PeerInfo]:
-        """Executors for ``model``, best first (cached for ``discovery_ttl`` seconds)."""
-        now = time.monotonic()
+        """Executors for ``model``, best first.
+
+        The last executors found are kept with their age: older than ``discovery_ttl`` they
+        are still used while one lookup refreshes them in the background, and a failed
+        lookup keeps them. Requests never each start their own lookup of one model: the
+        first waits for it, the others wait for the same one. Without anything known,
+        :class:`NoExecutorError` (404) only when the DHT itself found none.
+        """
         cached = self._found.get(model)
-        if cached is None or now - cached[0] > self.discovery_ttl:
-            found = self.choice.permitted(await find_executors(self.node, model))
-            if not found:
-                raise NoExecutorError(f"no executor this gateway may use serves {model!r}")
-            rtts = await measure(self.node, found) if len(found) > 1 else {}
-            cached = (now, found, rtts)
-            self._found[model] = cached
+        if cached is None:
+            cached = await self._lookup(model)
+        elif (
+            time.monotonic() - cached[0] > self.discovery_ttl
+            and self.nursery is not None
+            and model not in self._refreshing
+        ):
+            self.nursery.start_soon(self._refresh, model)
         _, found, rtts = cached
         by_id = {info.peer_id: info for info in found}
         seen = self.choice.seen(list(by_id))
         return [by_id[p] for p in rank(list(by_id), rtts, self.loads.current(), seen)]
 
+    async def _lookup(self, model: str) -> tuple[float, list[PeerInfo], dict[Any, float]]:
+        """One lookup of ``model`` at a time: callers that come while it runs wait for it
+        and share its answer, or its error."""
+        while (running := self._refreshing.get(model)) is not None:
+            await running.wait()
+            cached = self._found.get(model)
+            if cached is not None and cached[0] > 0:
+                return cached
+            if model in self._failures:
+                raise self._failures[model]
+        done = self._refreshing[model] = trio.Event()
+        self._failures.pop(model, None)
+        try:
+            found = self.choice.permitted(await find_executors(self.node, model))
+            if not found:
+                raise NoExecutorError(f"no executor this gateway may use serves {model!r}")
+            rtts = await measure(self.node, found) if len(found) > 1 else {}
+            cached = (time.monotonic(), found, rtts)
+            self._found[model] = cached
+            return cached
+        except LloomError as exc:
+            self._failures[model] = exc  # for the callers waiting on this lookup
+            raise
+        finally:
+            del self._refreshing[model]
+            done.set()
+
+    async def _refresh(self, model: str) -> None:
+        """Refresh ``model``'s executors in the background; keep the old ones on failure."""
+        try:
+            await self._lookup(model)
+        except NoExecutorError:
+            self._found.pop(model, None)  # the DHT says nobody serves it any more
+        except LloomError as exc:
+            logger.info(
+                "refreshing the executors of %s failed (kept the last ones): %s", model, exc
+            )
+
     def forget(self, model: str) -> None:
-        """Drop the cached executors of ``model`` (after they all failed)."""
-        self._found.pop(model, None)
+        """Mark the known executors of ``model`` as due for a refresh (after they all
+        failed): they are still used until a lookup finds others."""
+        cached = self._found.get(model)
+        if cached is not None:
+            self._found[model] = (0.0, cached[1], cached[2])
 
     async def run(self, request: llm.Request, on_chunk: ChunkCallback | None = None) -> Result:
         """Run ``request`` with failover; raises the client errors of :mod:`lloom.errors`."""

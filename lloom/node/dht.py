@@ -44,6 +44,7 @@ from libp2p.peer.peerstore import PeerStoreError
 from multiaddr import Multiaddr
 
 from lloom.dhtkeys import cid_string
+from lloom.errors import DiscoveryFailed
 from lloom.node.providers import ProviderPolicy
 
 logger = logging.getLogger(__name__)
@@ -231,14 +232,23 @@ class Dht:
     async def find_providers(
         self, key: bytes, *, count: int = 20, timeout: float = 10.0
     ) -> list[PeerInfo]:
-        """Providers of ``key`` found on the network now (never a stale local answer)."""
+        """Providers of ``key`` found on the network now (never a stale local answer).
+
+        An empty list means the lookup completed and found none; a lookup that could not
+        complete (no DHT server connected, or ``timeout`` passed with nothing found) raises
+        :class:`DiscoveryFailed` instead.
+        """
         text = cid_string(key)
         mh = key[2:]  # the DHT indexes provider records by the CID's multihash
         if not self.server:
             self.kad.provider_store.providers.pop(mh, None)
+            if not self.kad.routing_table.get_peer_ids():
+                raise DiscoveryFailed("no validator connected to look executors up")
         found: list[PeerInfo] = []
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(timeout) as scope:
             found = await self.kad.find_providers(text, count)
+        if scope.cancelled_caught and not found:
+            raise DiscoveryFailed(f"the DHT lookup did not complete within {timeout:g} s")
         return dedupe_providers(found, exclude=self.host.get_id())
 
     def forget(self, peer_id: ID) -> int:

@@ -1,0 +1,87 @@
+"""The gateway's discovery: the last executors found are kept, one lookup per model at a
+time, and "no executor" (404) only when the DHT itself found none (issue 10, item 3)."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+import trio
+import trio.testing
+from libp2p.peer.peerinfo import PeerInfo
+
+import lloom.gateway.core as core
+from lloom.errors import DiscoveryFailed, NoExecutorError
+from lloom.gateway.core import Gateway
+from lloom.identity import Identity
+from lloom.node.node import Node
+
+PEER = PeerInfo(Identity.generate().peer_id, [])
+
+
+class Lookups:
+    """A fake DHT: counts lookups; each answers what ``answer`` says, after a while."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.answer: list[PeerInfo] | Exception = [PEER]
+
+    async def __call__(self, node: Node, model: str, timeout: float = 10.0) -> list[PeerInfo]:
+        self.count += 1
+        await trio.sleep(0.05)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return list(self.answer)
+
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> Lookups:
+    fake = Lookups()
+    monkeypatch.setattr(core, "find_executors", fake)
+    return fake
+
+
+def gateway(nursery: trio.Nursery) -> Gateway:
+    g = Gateway(cast(Node, None), None, discovery_ttl=10.0)
+    g.nursery = nursery
+    return g
+
+
+async def test_concurrent_requests_share_one_lookup(lookups: Lookups) -> None:
+    async with trio.open_nursery() as nursery:
+        g = gateway(nursery)
+        answers: list[Any] = []
+
+        async def ask() -> None:
+            answers.append(await g.executors("m"))
+
+        for _ in range(64):
+            nursery.start_soon(ask)
+    assert lookups.count == 1 and len(answers) == 64
+
+
+async def test_a_failed_lookup_is_a_503_never_a_404_and_keeps_what_was_known(
+    lookups: Lookups, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        g = gateway(nursery)
+        lookups.answer = DiscoveryFailed("timed out")
+        with pytest.raises(DiscoveryFailed):
+            await g.executors("m")
+        lookups.answer = [PEER]
+        assert await g.executors("m") == [PEER]
+        # Later the lookups time out (under load): the known executor is still used.
+        lookups.answer = DiscoveryFailed("timed out")
+        await trio.sleep(11)  # older than discovery_ttl
+        assert await g.executors("m") == [PEER]
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(1)
+        assert await g.executors("m") == [PEER]
+        g.forget("m")  # every executor failed: still known, refreshed in the background
+        assert await g.executors("m") == [PEER]
+        # Only the DHT saying "nobody" (the refresh now running) removes it: then 404.
+        lookups.answer = []
+        await trio.sleep(1)
+        with pytest.raises(NoExecutorError):
+            await g.executors("m")
+        nursery.cancel_scope.cancel()
