@@ -8,6 +8,7 @@ signs receipts automatically.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -15,14 +16,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from lloom.client.discovery import Choice, find_executors, measure
 from lloom.client.loads import LoadTable
 from lloom.client.observed import ExecutorBook
-from lloom.client.ranking import rank
+from lloom.client.ranking import UNRELIABLE, rank
 from lloom.client.receipts import ReceiptSigner
 from lloom.client.session import Result, StreamPool, request_with_failover
+from lloom.client.spread import spread
 from lloom.errors import LloomError, NoExecutorError
 from lloom.node.node import Node
 from lloom.protocol import llm
@@ -57,6 +60,8 @@ class Gateway:
         self._found: dict[str, tuple[float, list[PeerInfo], dict[Any, float]]] = {}
         self._refreshing: dict[str, trio.Event] = {}
         self._failures: dict[str, LloomError] = {}
+        #: Requests running per executor (the first one tried), for spreading.
+        self._outstanding: collections.Counter[ID] = collections.Counter()
         #: Where streamed requests run (set by whoever serves the gateway).
         self.nursery: trio.Nursery | None = None
 
@@ -128,9 +133,29 @@ class Gateway:
         if cached is not None:
             self._found[model] = (0.0, cached[1], cached[2])
 
+    def _spread(self, ranked: list[PeerInfo]) -> list[PeerInfo]:
+        """``ranked`` with this request's executor first, by two random choices over the
+        executors not seen mostly failing (:mod:`lloom.client.spread`)."""
+        by_id = {info.peer_id: info for info in ranked}
+        seen = self.choice.seen(list(by_id))
+        loads = self.loads.current()
+
+        def usable(peer: ID) -> bool:
+            mine = seen.get(peer)
+            return mine is None or not (mine.bad and mine.unreliability >= UNRELIABLE)
+
+        def load(peer: ID) -> float:
+            announced = loads.get(peer)
+            return announced.load if announced is not None else 0.0
+
+        order = spread(list(by_id), self._outstanding, usable=usable, load=load)
+        return [by_id[peer] for peer in order]
+
     async def run(self, request: llm.Request, on_chunk: ChunkCallback | None = None) -> Result:
         """Run ``request`` with failover; raises the client errors of :mod:`lloom.errors`."""
-        candidates = await self.executors(request.model)
+        candidates = self._spread(await self.executors(request.model))
+        first = candidates[0].peer_id
+        self._outstanding[first] += 1
         try:
             return await request_with_failover(
                 self.node,
@@ -145,6 +170,10 @@ class Gateway:
         except Exception:
             self.forget(request.model)
             raise
+        finally:
+            self._outstanding[first] -= 1
+            if not self._outstanding[first]:
+                del self._outstanding[first]
 
     async def models(self, limit: int = MAX_LISTED_MODELS) -> dict[str, int]:
         """Models announced on the network that have a provider in the DHT this gateway

@@ -1,0 +1,41 @@
+"""Spreading concurrent requests over the executors a client found (pure code).
+
+Ranking alone sends every request to the same best executor. A long-running client (the
+gateway) therefore picks each request's first executor by **two random choices**: two
+executors drawn at random among the usable ones, the one with fewer requests outstanding
+from this client wins (announced load breaks ties, then rank). Equal executors share the
+load evenly; a slow one keeps requests longer, so it is chosen less; one that refuses as
+``busy`` fails over at once and frees its count. The rest of the ranked list follows, for
+failover. Executors this client saw mostly failing are not drawn.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
+
+K = TypeVar("K")
+
+
+def spread(
+    ranked: Sequence[K],
+    outstanding: Mapping[K, int],
+    *,
+    usable: Callable[[K], bool] = lambda _: True,
+    load: Callable[[K], float] = lambda _: 0.0,
+    rng: random.Random | None = None,
+) -> list[K]:
+    """``ranked`` with the executor chosen for the next request first (see the module)."""
+    pool = [k for k in ranked if usable(k)]
+    if len(pool) < 2:
+        return list(ranked)
+    chooser = rng or random
+    a, b = chooser.sample(pool, 2)
+    position = {k: i for i, k in enumerate(ranked)}
+
+    def key(k: K) -> tuple[int, float, int]:
+        return (outstanding.get(k, 0), load(k), position[k])
+
+    first = min(a, b, key=key)
+    return [first, *(k for k in ranked if k != first)]
