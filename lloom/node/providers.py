@@ -5,8 +5,8 @@ A popular model has hundreds of executors, each a provider of the model's DHT ke
 - **Keeping them.** py-libp2p stores at most k = 20 providers per key and silently ignores
   the 21st (``ProviderStore.add_provider``), so a model could never have more than 20
   executors in the whole network. A validator keeps up to ``max_per_key`` (10,000 by
-  default); one record is a PeerInfo with its addresses, about 1 KiB of Python objects, so
-  10,000 executors of one model cost a validator about 10 MiB.
+  default); one record is a PeerInfo with its addresses, ~720 B (measured, docs/node.md), so
+  10,000 executors of one model cost a validator about 7 MB.
 - **Handing them out.** py-libp2p answers GET_PROVIDERS with every provider it holds: 10,000
   records would be a message of several MiB per lookup. A validator answers with a uniform
   random sample of at most ``per_response`` (20), so successive lookups find every executor

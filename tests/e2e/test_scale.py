@@ -13,11 +13,33 @@ import trio
 from lloom.dhtkeys import model_key
 from tests.e2e.test_failover import client_node
 from tests.support.network import start_gateway, start_mock, start_validator, write_config
-from tests.support.procs import Processes, script
+from tests.support.procs import Proc, Processes, script
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 EXECUTORS = 30
+
+
+def start_executors(procs: Processes, boot: str, url: str, count: int) -> list[Proc]:
+    """Start ``count`` executors of ``mock-a`` at once (the caller waits for readiness)."""
+    started = []
+    for i in range(count):
+        name = f"exec-{i}"
+        config = write_config(
+            procs.root / name / "config.toml", url, ["mock-a"], procs.root / name / "state"
+        )
+        argv = [script("lloom-executor"), "--bootstrap-nodes", boot, "--config", str(config)]
+        started.append(procs.start(name, argv))
+    return started
+
+
+def stop_together(started: list[Proc]) -> None:
+    """Stop executors all at once (the fixture would stop them one after another)."""
+    for proc in started:
+        assert proc.popen is not None
+        proc.popen.send_signal(signal.SIGINT)
+    for proc in started:
+        assert proc.wait_exit(30) == 0
 
 
 async def test_thirty_executors_of_one_model_all_announce_and_are_all_found(
@@ -26,14 +48,7 @@ async def test_thirty_executors_of_one_model_all_announce_and_are_all_found(
     _, url = start_mock(procs)
     _, v = start_validator(procs)
     boot = v.listen[0]
-    started = []
-    for i in range(EXECUTORS):  # all at once: each waits only for its own readiness
-        name = f"exec-{i}"
-        config = write_config(
-            procs.root / name / "config.toml", url, ["mock-a"], procs.root / name / "state"
-        )
-        argv = [script("lloom-executor"), "--bootstrap-nodes", boot, "--config", str(config)]
-        started.append(procs.start(name, argv))
+    started = start_executors(procs, boot, url, EXECUTORS)
     ready = {proc.wait_ready(timeout=240).peer_id for proc in started}
     assert len(ready) == EXECUTORS  # the 21st and later confirmed their announcements too
 
@@ -49,12 +64,7 @@ async def test_thirty_executors_of_one_model_all_announce_and_are_all_found(
                     break
     assert found == ready, f"{len(ready - found)} executors never found"
     assert max(sizes) <= 20
-    # Stop the executors all at once (the fixture would stop them one after another).
-    for proc in started:
-        assert proc.popen is not None
-        proc.popen.send_signal(signal.SIGINT)
-    for proc in started:
-        assert proc.wait_exit(30) == 0
+    stop_together(started)
 
 
 def usage_count(state: Path) -> int:
@@ -69,14 +79,7 @@ async def test_a_gateway_spreads_requests_over_twenty_executors(procs: Processes
     _, url = start_mock(procs)
     _, v = start_validator(procs)
     boot = v.listen[0]
-    started = []
-    for i in range(20):
-        name = f"exec-{i}"
-        config = write_config(
-            procs.root / name / "config.toml", url, ["mock-a"], procs.root / name / "state"
-        )
-        argv = [script("lloom-executor"), "--bootstrap-nodes", boot, "--config", str(config)]
-        started.append(procs.start(name, argv))
+    started = start_executors(procs, boot, url, 20)
     for proc in started:
         proc.wait_ready(timeout=240)
     _, base = start_gateway(procs, boot)
@@ -99,8 +102,4 @@ async def test_a_gateway_spreads_requests_over_twenty_executors(procs: Processes
     served = [usage_count(procs.root / f"exec-{i}" / "state") for i in range(20)]
     assert sum(served) == 400
     assert all(10 <= n <= 40 for n in served), served  # half to twice the fair 20
-    for proc in started:
-        assert proc.popen is not None
-        proc.popen.send_signal(signal.SIGINT)
-    for proc in started:
-        proc.wait_exit(30)
+    stop_together(started)

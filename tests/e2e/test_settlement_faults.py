@@ -22,7 +22,7 @@ from tests.e2e.test_accounting import (
 )
 from tests.support.anvil import start_anvil
 from tests.support.network import start_executor, start_mock, start_validator
-from tests.support.procs import Processes
+from tests.support.procs import Proc, Processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -153,12 +153,10 @@ def test_reorg_that_drops_a_settlement(procs: Processes) -> None:
     assert len(chain_usage(rpc, contract)) == 1
 
 
-def test_chain_reset_is_reported_then_everything_settles_on_the_new_contract(
-    procs: Processes,
-) -> None:
-    """anvil restarted without its state: the settled batch is gone and the contract too.
-    The executor says so (stdout, log, metric) and, once the contract is deployed again at
-    the same address, settles all usage with exact totals, with no nonce gap."""
+def settled_then_reset(procs: Processes, *unsettled: str) -> tuple[Proc, str, str]:
+    """A network whose request "one" was settled, then ``unsettled`` asked, then anvil
+    restarted without its state (no contract, no settlement) and a round triggered.
+    Returns the executor, the RPC URL and the (gone) contract's address."""
     anvil, rpc = start_anvil(procs)
     port = int(rpc.rsplit(":", 1)[1])
     contract = deploy(procs, rpc)
@@ -166,11 +164,22 @@ def test_chain_reset_is_reported_then_everything_settles_on_the_new_contract(
     assert ask(procs, boot, "one", contract=contract).returncode == 0
     settle_now(ex)
     assert total_on_chain(rpc, contract) == sum(billed("one"))
-    assert ask(procs, boot, "two two", contract=contract).returncode == 0
+    for prompt in unsettled:
+        assert ask(procs, boot, prompt, contract=contract).returncode == 0
     anvil.stop()
     start_anvil(procs, "anvil-reset", port=port)  # a new chain: no state, no contract
     assert ex.popen is not None
     ex.popen.send_signal(signal.SIGUSR1)
+    return ex, rpc, contract
+
+
+def test_chain_reset_is_reported_then_everything_settles_on_the_new_contract(
+    procs: Processes,
+) -> None:
+    """anvil restarted without its state: the settled batch is gone and the contract too.
+    The executor says so (stdout, log, metric) and, once the contract is deployed again at
+    the same address, settles all usage with exact totals, with no nonce gap."""
+    ex, rpc, contract = settled_then_reset(procs, "two two")
     ex.wait_for_line(lambda s: s.startswith("settlement lost"), 60)  # the settled batch
     halted = ex.wait_for_line(lambda s: s.startswith("settlement halted"), 10)
     assert contract in halted and "reset" in halted
@@ -207,16 +216,7 @@ def test_chain_rolled_back_below_the_stored_nonce(procs: Processes) -> None:
 def test_chain_reset_with_nothing_new_settles_the_same_batch_again(procs: Processes) -> None:
     """After a reset, the batch to send again can be the very transaction that was lost
     (same receipt, same nonce, same bytes): it comes back as itself."""
-    anvil, rpc = start_anvil(procs)
-    port = int(rpc.rsplit(":", 1)[1])
-    contract = deploy(procs, rpc)
-    ex, boot, _ = network(procs, rpc, contract)
-    assert ask(procs, boot, "one", contract=contract).returncode == 0
-    settle_now(ex)
-    anvil.stop()
-    start_anvil(procs, "anvil-reset", port=port)
-    assert ex.popen is not None
-    ex.popen.send_signal(signal.SIGUSR1)
+    ex, rpc, contract = settled_then_reset(procs)
     ex.wait_for_line(lambda s: s.startswith("settlement halted"), 60)
     assert deploy(procs, rpc) == contract
     ex.wait_for_line(lambda s: s.startswith("settlement confirmed"), 60)
