@@ -1,8 +1,10 @@
 """``lloom-client``: ask the network a question from the command line.
 
-Finds executors for the model through the validators, orders them by measured latency and
-announced load, sends the request and streams the answer to stdout; diagnostics go to
-stderr. If an executor fails before its first token, the next one is tried.
+Finds executors for the model through the validators, ranks them and picks one as the
+gateway does (the client library :mod:`lloom.client.network`), sends the request and
+streams the answer to stdout; diagnostics go to stderr. If an executor fails before its
+first token, the next one is tried; if it fails mid-answer, the answer is continued on
+another where it can be reproduced (temperature 0 or a seed).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from lloom.cli.common import (
     identity_from_args,
     run_main,
 )
-from lloom.client.discovery import ordered_executors
+from lloom.client.network import NetworkClient
 from lloom.client.observed import EXECUTOR_BOOK, ExecutorBook
 from lloom.client.options import (
     add_chain_args,
@@ -31,7 +33,7 @@ from lloom.client.options import (
     domain_from_args,
 )
 from lloom.client.receipts import Ledger, ReceiptSigner
-from lloom.client.session import Result, request_with_failover
+from lloom.client.session import Result
 from lloom.errors import (
     LloomError,
     NetworkError,
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, metavar="N", help="completion token limit")
     parser.add_argument("--temperature", type=float, metavar="T", help="sampling temperature")
     parser.add_argument(
+        "--seed", type=int, metavar="N", help="sampling seed (with it, a broken-off answer resumes)"
+    )
+    parser.add_argument(
         "--timeout", type=float, default=300.0, metavar="SECONDS", help="overall timeout"
     )
     parser.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
@@ -103,6 +108,8 @@ def request_from_args(args: argparse.Namespace) -> llm.Request:
         body["max_tokens"] = args.max_tokens
     if args.temperature is not None:
         body["temperature"] = args.temperature
+    if args.seed is not None:
+        body["seed"] = args.seed
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
     return llm.Request(llm.RequestKind.CHAT, openai_body.normalize_chat_body(body))
@@ -128,24 +135,15 @@ async def ask(identity: Identity, args: argparse.Namespace, request: llm.Request
             if not node.host.get_connected_peers():
                 raise NetworkError("no bootstrap node reachable")
             book = ExecutorBook(default_data_dir() / EXECUTOR_BOOK)
-            choice = choice_from_args(args, book)
-            candidates = await ordered_executors(node, request.model, choice=choice)
-            logger.debug(
-                "executors for %s: %s", request.model, [str(c.peer_id) for c in candidates]
-            )
             ledger = Ledger(default_data_dir() / "client-ledger.sqlite3")
             signer = ReceiptSigner(identity, ledger, domain_from_args(args))
+            client = NetworkClient(
+                node, signer, timeout=args.timeout, choice=choice_from_args(args, book)
+            )
             try:
-                result = await request_with_failover(
-                    node,
-                    candidates,
-                    request,
-                    on_chunk,
-                    total_timeout=args.timeout,
-                    signer=signer,
-                    book=book,
-                )
+                result = await client.run(request, on_chunk)
             finally:
+                await client.pool.close()
                 ledger.close()
                 book.save()
             if signer.last_refusal:
@@ -168,7 +166,8 @@ async def ask(identity: Identity, args: argparse.Namespace, request: llm.Request
                     "model": result.end.model,
                     "executor": str(result.executor),
                     "request_id": result.end.request_id,
-                    "usage": result.end.usage.to_json(),
+                    "usage": result.billed.to_json(),
+                    "resumes": result.resumes,
                     "backend_usage": (
                         None
                         if result.end.backend_usage is None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import trio
@@ -11,11 +10,9 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from lloom.client.observed import ExecutorBook, Seen
-from lloom.client.ranking import rank
 from lloom.dhtkeys import model_key
 from lloom.errors import DialError, NetworkError, NoExecutorError
 from lloom.node.node import Node
-from lloom.protocol.announce import LoadAnnouncement
 
 logger = logging.getLogger(__name__)
 
@@ -72,23 +69,3 @@ class Choice:
         if self.book is None:
             return {}
         return {p: s for p in peers if (s := self.book.get(str(p))) is not None}
-
-
-async def ordered_executors(
-    node: Node,
-    model: str,
-    loads: Mapping[ID, LoadAnnouncement] | None = None,
-    *,
-    timeout: float = 10.0,
-    choice: Choice | None = None,
-) -> list[PeerInfo]:
-    """Executors for ``model`` this client may use, best first: what it observed of them,
-    measured latency and announced load."""
-    rules = choice or Choice()
-    found = rules.permitted(await find_executors(node, model, timeout))
-    if not found:
-        raise NoExecutorError(f"no executor this client may use serves model {model!r}")
-    by_id = {info.peer_id: info for info in found}
-    rtts = await measure(node, found) if len(found) > 1 else {}
-    order = rank(list(by_id), rtts, loads or {}, rules.seen(list(by_id)))
-    return [by_id[pid] for pid in order]

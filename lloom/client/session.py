@@ -2,16 +2,19 @@
 
 :func:`send_request` runs one request on one executor. :func:`request_with_failover`
 tries executors in order: an executor that fails before delivering its first chunk (dial
-error, error frame, busy, timeout, broken stream) is skipped for the next; a failure after
-chunks were delivered raises :class:`PartialResponseError`, since the caller already has
-part of an answer.
+error, error frame, busy, timeout, broken stream) is skipped for the next. When one fails
+after chunks were delivered, the answer is continued on the next executor if it can be
+reproduced (:mod:`lloom.protocol.resume`: deterministic sampling, plain text), the re-run
+checked against what was delivered; otherwise, or when no executor can continue it,
+:class:`PartialResponseError` says why, since the caller already has part of an answer.
+The exchange's rules live in :class:`~lloom.protocol.client_exchange.ClientExchange`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
@@ -37,6 +40,15 @@ from lloom.identity import address_from_peer_id
 from lloom.node.node import Node
 from lloom.node.streams import FramedStream
 from lloom.protocol import billing, llm
+from lloom.protocol.client_exchange import (
+    ChunkArrived,
+    ClientExchange,
+    Ended,
+    Failed,
+    ResponseArrived,
+    UnansweredClose,
+)
+from lloom.protocol.resume import Delivered, Replay, ResumeMismatch
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +66,21 @@ class Result:
     chunks: int
     #: Whether this client refused the receipt the executor asked for.
     receipt_refused: bool = False
+    #: This client's billing count of what executors that broke off delivered before
+    #: ``executor`` continued the answer (one entry per executor; empty without resume).
+    earlier: tuple[llm.Usage, ...] = ()
+    #: How many times the answer was continued on another executor.
+    resumes: int = 0
+
+    @property
+    def billed(self) -> llm.Usage:
+        """The usage of the whole answer over every executor that delivered part of it
+        (each of them read the prompt, so a resumed answer bills it more than once)."""
+        prompt = self.end.usage.prompt_tokens + sum(u.prompt_tokens for u in self.earlier)
+        completion = self.end.usage.completion_tokens + sum(
+            u.completion_tokens for u in self.earlier
+        )
+        return llm.Usage(prompt, completion)
 
 
 async def _open(node: Node, info: PeerInfo, timeout: float) -> FramedStream:
@@ -102,25 +129,21 @@ class StreamPool:
         self._idle.clear()
 
 
-async def _answer_receipt(
-    framed: FramedStream,
+def _receipt_answer(
     *,
     request: llm.Request,
     peer_id: ID,
     text: str,
     end: llm.End,
     signer: ReceiptSigner | None,
-) -> bool:
-    """Answer the receipt request of ``end``; whether it was refused."""
-    answer: llm.Message
+) -> llm.SignedReceipt | llm.Refusal:
+    """The answer to the receipt request of ``end``."""
     if signer is None:
-        answer = llm.Refusal(end.request_id, "this client does not sign receipts")
-    else:
-        answer = signer.answer(address_from_peer_id(peer_id), request, text, end)
-        if isinstance(answer, llm.Refusal):
-            logger.warning("refused to sign the executor's usage: %s", answer.reason)
-    await framed.write_frame(llm.encode(answer))
-    return isinstance(answer, llm.Refusal) and signer is not None
+        return llm.Refusal(end.request_id, "this client does not sign receipts")
+    answer = signer.answer(address_from_peer_id(peer_id), request, text, end)
+    if isinstance(answer, llm.Refusal):
+        logger.warning("refused to sign the executor's usage: %s", answer.reason)
+    return answer
 
 
 async def _exchange(
@@ -129,44 +152,34 @@ async def _exchange(
     peer_id: ID,
     on_chunk: ChunkCallback | None,
     signer: ReceiptSigner | None = None,
-) -> tuple[Result | None, int]:
-    """One request on ``framed``; ``(None, 0)`` if the stream was already closed."""
-    chunks = 0
-    response: dict[str, Any] | None = None
-    text: list[str] = []
-    await framed.write_frame(llm.encode(request))
+) -> Result:
+    """One request on ``framed``, driven by a :class:`ClientExchange`. Raises
+    :class:`UnansweredClose` if the stream was closed before any answer, :class:`RemoteError`
+    for an error frame (the stream stays usable)."""
+    exchange = ClientExchange()
+    await framed.write_frame(exchange.send(request))
     while True:
         frame = await framed.read_frame()
         if frame is None:
-            if chunks == 0 and response is None:
-                return None, 0
-            raise NetworkError("executor closed the stream without ending the request")
-        msg = llm.decode(frame)
-        match msg:
-            case llm.Chunk(data=data):
-                chunks += 1
-                text.append(billing.delivered_text(data))
+            exchange.closed()  # raises: a request was waiting
+            raise NetworkError("executor closed the stream")  # pragma: no cover - unreachable
+        match exchange.receive(frame):
+            case ChunkArrived(data=data):
                 if on_chunk is not None:
                     await on_chunk(data)
-            case llm.Response(data=data):
-                response = data
-                text.append(billing.delivered_text(data))
-            case llm.End():
+            case ResponseArrived():
+                pass
+            case Ended(end=end):
                 refused = False
-                if msg.receipt is not None:
-                    refused = await _answer_receipt(
-                        framed,
-                        request=request,
-                        peer_id=peer_id,
-                        text="".join(text),
-                        end=msg,
-                        signer=signer,
+                if end.receipt is not None:
+                    answer = _receipt_answer(
+                        request=request, peer_id=peer_id, text=exchange.text, end=end, signer=signer
                     )
-                return Result(peer_id, msg, response, chunks, refused), chunks
-            case llm.Error(code=code, message=message):
-                raise RemoteError(code.value, message)
-            case _:
-                raise ProtocolError(f"unexpected {type(msg).__name__} from executor")
+                    await framed.write_frame(exchange.answer_receipt(answer))
+                    refused = isinstance(answer, llm.Refusal) and signer is not None
+                return Result(peer_id, end, exchange.response, exchange.chunks, refused)
+            case Failed(error=error):
+                raise RemoteError(error.code.value, error.message)
 
 
 async def send_request(
@@ -184,7 +197,8 @@ async def send_request(
     ``idle_timeout`` bounds the wait for each frame (the first token included). With a
     ``pool``, an idle stream is reused and the stream is kept for the next request.
     Raises :class:`RemoteError` for an error frame, :class:`NetworkError` or
-    :class:`ProtocolError` when the executor misbehaves or vanishes.
+    :class:`ProtocolError` when the executor misbehaves or vanishes; whatever ``on_chunk``
+    raises ends the request (the stream is reset).
     """
     reused = pool.take(info.peer_id) if pool is not None else None
     if reused is not None:
@@ -198,31 +212,44 @@ async def send_request(
                 await on_chunk(chunk)
 
         try:
-            result, _ = await _exchange(reused, request, info.peer_id, counting, signer)
-        except RemoteError:
-            await pool.give_back(info.peer_id, reused)  # type: ignore[union-attr]
+            return await _run_on(
+                reused, pool, request, peer_id=info.peer_id, on_chunk=counting, signer=signer
+            )
+        except PeerTimeout:
             raise
         except (NetworkError, ProtocolError):
-            await reused.reset()
             if delivered:
                 raise
-            result = None  # the executor dropped the idle stream: open a fresh one
-        if result is not None:
-            await pool.give_back(info.peer_id, reused)  # type: ignore[union-attr]
-            return result
+            # The executor dropped the idle stream (its keep-alive ran out): open a fresh one.
     framed = await _open(node, info, idle_timeout)
     try:
-        result, _ = await _exchange(framed, request, info.peer_id, on_chunk, signer)
+        return await _run_on(
+            framed, pool, request, peer_id=info.peer_id, on_chunk=on_chunk, signer=signer
+        )
+    except UnansweredClose as exc:
+        raise NetworkError("executor closed the stream without answering") from exc
+
+
+async def _run_on(
+    framed: FramedStream,
+    pool: StreamPool | None,
+    request: llm.Request,
+    *,
+    peer_id: ID,
+    on_chunk: ChunkCallback | None,
+    signer: ReceiptSigner | None,
+) -> Result:
+    """One exchange on ``framed``; the stream is kept (or closed) when it stays usable and
+    reset otherwise."""
+    try:
+        result = await _exchange(framed, request, peer_id, on_chunk, signer)
     except RemoteError:
-        await _finish(framed, pool, info.peer_id)
+        await _finish(framed, pool, peer_id)
         raise
     except BaseException:
         await framed.reset()
         raise
-    if result is None:
-        await framed.reset()
-        raise NetworkError("executor closed the stream without answering")
-    await _finish(framed, pool, info.peer_id)
+    await _finish(framed, pool, peer_id)
     return result
 
 
@@ -258,6 +285,12 @@ def retryable(exc: LloomError) -> bool:
     return exc.retryable
 
 
+#: Most times one answer is continued on another executor.
+MAX_RESUMES = 2
+
+MoreExecutors = Callable[[], Awaitable[Sequence[PeerInfo]]]
+
+
 async def request_with_failover(
     node: Node,
     candidates: Sequence[PeerInfo],
@@ -269,54 +302,143 @@ async def request_with_failover(
     pool: StreamPool | None = None,
     signer: ReceiptSigner | None = None,
     book: ExecutorBook | None = None,
+    more: MoreExecutors | None = None,
 ) -> Result:
     """Try ``candidates`` in order until one answers (see the module docstring); what each
-    one did goes into ``book``."""
-    errors: list[tuple[str, str]] = []
-    delivered = 0
-    first_at: float | None = None
-
-    async def counting(chunk: dict[str, Any]) -> None:
-        nonlocal delivered, first_at
-        delivered += 1
-        if first_at is None:
-            first_at = trio.current_time()
-        if on_chunk is not None:
-            await on_chunk(chunk)
-
+    one did goes into ``book``. When the candidates run out, ``more`` (a fresh lookup) is
+    asked once for executors not tried yet."""
+    attempt = _Attempts(request, on_chunk, book)
     deadline = trio.current_time() + total_timeout if total_timeout else float("inf")
+    queue, tried, asked_more = list(candidates), set(), more is None
     try:
         with trio.fail_at(deadline):
-            for info in candidates:
-                started = trio.current_time()
+            while True:
+                if not queue and not asked_more:
+                    asked_more = True
+                    assert more is not None
+                    queue = [i for i in await more() if i.peer_id not in tried]
+                if not queue:
+                    break
+                info = queue.pop(0)
+                tried.add(info.peer_id)
                 try:
-                    result = await send_request(
-                        node,
-                        info,
-                        request,
-                        counting,
-                        idle_timeout=idle_timeout,
-                        pool=pool,
-                        signer=signer,
+                    return await attempt.run(
+                        node, info, idle_timeout=idle_timeout, pool=pool, signer=signer
                     )
-                    if book is not None:
-                        _observe(book, result, started, first_at)
-                    return result
-                except (RemoteError, NetworkError, ProtocolError) as exc:
-                    if book is not None and _misbehaved(exc):
-                        book.failed(str(info.peer_id))
-                    if delivered:
-                        raise PartialResponseError(
-                            f"executor {info.peer_id} failed after {delivered} chunk(s): {exc}"
-                        ) from exc
-                    if not retryable(exc):
-                        raise
-                    logger.info("executor %s failed, trying the next: %s", info.peer_id, exc)
-                    errors.append((str(info.peer_id), str(exc)))
+                except _TryNext:
+                    continue
     except trio.TooSlowError:
-        if delivered:
+        if attempt.delivered.chunks:
             raise PartialResponseError(
-                f"timed out after {delivered} chunk(s) had been delivered"
+                f"timed out after {attempt.delivered.chunks} chunk(s) had been delivered"
             ) from None
         raise RequestTimeout(f"no answer within {total_timeout:g} s") from None
-    raise AllExecutorsFailed(errors)
+    if attempt.delivered.chunks:
+        raise PartialResponseError(
+            f"the answer broke off after {attempt.delivered.chunks} chunk(s) and no executor "
+            f"could continue it: " + "; ".join(f"{p}: {e}" for p, e in attempt.errors)
+        )
+    raise AllExecutorsFailed(attempt.errors)
+
+
+class _TryNext(Exception):
+    """This executor failed in a way the next one may fix."""
+
+
+class _Attempts:
+    """The state of one request across executors: what was delivered to the caller, and
+    how an answer that broke off is continued (:mod:`lloom.protocol.resume`)."""
+
+    def __init__(
+        self, request: llm.Request, on_chunk: ChunkCallback | None, book: ExecutorBook | None
+    ) -> None:
+        self.request = request
+        self.on_chunk = on_chunk
+        self.book = book
+        self.delivered = Delivered()
+        self.errors: list[tuple[str, str]] = []
+        self.earlier: list[llm.Usage] = []
+        self.replay: Replay | None = None
+        self.first_at: float | None = None
+
+    async def forward(self, chunk: dict[str, Any]) -> None:
+        """Pass one chunk on (after the replay check of a resumed attempt)."""
+        out = chunk if self.replay is None else self.replay.feed(chunk)
+        if out is None:
+            return
+        self.delivered.add(out)
+        if self.first_at is None:
+            self.first_at = trio.current_time()
+        if self.on_chunk is not None:
+            await self.on_chunk(out)
+
+    async def run(
+        self,
+        node: Node,
+        info: PeerInfo,
+        *,
+        idle_timeout: float,
+        pool: StreamPool | None,
+        signer: ReceiptSigner | None,
+    ) -> Result:
+        """One attempt on ``info``: its result, or :class:`_TryNext`, or the error the
+        caller gets."""
+        peer = str(info.peer_id)
+        resuming = self.delivered.chunks > 0
+        self.replay = Replay(self.delivered) if resuming else None
+        request = self.request
+        if resuming:
+            request = replace(request, resume=self.delivered.text)
+        before = (self.delivered.chunks, self.delivered.text)
+        started = trio.current_time()
+        try:
+            result = await send_request(
+                node,
+                info,
+                request,
+                self.forward,
+                idle_timeout=idle_timeout,
+                pool=pool,
+                signer=signer,
+            )
+        except ResumeMismatch as exc:
+            logger.info("executor %s could not continue the answer: %s", peer, exc)
+            self.errors.append((peer, f"could not continue the answer: {exc}"))
+            raise _TryNext from None
+        except (RemoteError, NetworkError, ProtocolError) as exc:
+            if self.book is not None and _misbehaved(exc):
+                self.book.failed(peer)
+            self._failed(peer, exc, before)
+            raise _TryNext from None
+        if self.book is not None:
+            _observe(self.book, result, started, self.first_at)
+        return replace(result, earlier=tuple(self.earlier), resumes=len(self.earlier))
+
+    def _failed(self, peer: str, exc: LloomError, before: tuple[int, str]) -> None:
+        """Note a failed attempt; raise what the caller gets when no other may help."""
+        self.errors.append((peer, str(exc)))
+        if not self.delivered.chunks:
+            if not retryable(exc):
+                raise exc
+            logger.info("executor %s failed, trying the next: %s", peer, exc)
+            return
+        if self.delivered.chunks > before[0]:  # this executor delivered part of the answer
+            part = billing.count(self.delivered.text) - billing.count(before[1])
+            prompt = billing.prompt_tokens(self.request.kind, self.request.body)
+            self.earlier.append(llm.Usage(prompt, max(0, part)))
+        reason = self.delivered.why_not_resumable(self.request)
+        if reason is None and not retryable(exc):
+            reason = "the executor rejected the request"
+        if reason is None and len(self.earlier) > MAX_RESUMES:
+            reason = f"it was continued {MAX_RESUMES} times already"
+        if reason is not None:
+            raise PartialResponseError(
+                f"executor {peer} failed after {self.delivered.chunks} chunk(s): {exc}; "
+                f"the answer cannot be continued elsewhere: {reason}"
+            ) from exc
+        logger.info(
+            "executor %s failed after %d chunk(s) (%s); continuing the answer on the next",
+            peer,
+            self.delivered.chunks,
+            exc,
+        )

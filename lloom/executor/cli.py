@@ -88,6 +88,11 @@ async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig
     """Run the executor until SIGINT/SIGTERM."""
     ensure_offline_encodings(config.node.data_dir / "tiktoken")
     store = UsageStore(config.node.data_dir / "usage.sqlite3")
+    if broken := store.close_open():
+        logger.warning(
+            "%d answer(s) were cut off when this executor last stopped; kept as partial usage",
+            broken,
+        )
     limits = httpx.Limits(max_connections=config.limits.max_concurrent_requests * 2)
     try:
         with shutdown_signals() as signals:

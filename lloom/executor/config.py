@@ -178,6 +178,7 @@ def _limits(source: str, table: object) -> Limits:
         request_timeout_secs=float(r.positive("request_timeout_secs", 300.0)),
         max_request_bytes=r.positive("max_request_bytes", 1_048_576, integer=True),
         keepalive_secs=float(r.positive("keepalive_secs", 60.0)),
+        checkpoint_secs=float(r.positive("checkpoint_secs", 1.0)),
     )
     r.finish()
     return limits

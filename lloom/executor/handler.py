@@ -2,9 +2,12 @@
 
 The handler talks to the world through three seams so tests can swap each:
 a :class:`Backend` (an OpenAI-compatible server), a :class:`UsageSink` (the durable usage
-store) and the framed stream itself. Every request ends with exactly one terminal frame,
-``end`` or ``error``, and the usage row is stored *before* ``end`` is sent, so an answered
-request is never lost, even if the executor is killed right after.
+store) and the framed stream itself; the exchange's rules (what may follow what, what is
+billed) are the pure state machine :class:`~lloom.protocol.executor_exchange.ExecutorExchange`.
+Every request ends with exactly one terminal frame, ``end`` or ``error``, and the usage row
+is stored *before* ``end`` is sent, so an answered request is never lost, even if the
+executor is killed right after; a streaming answer is checkpointed while it runs, and one
+that breaks off keeps what it delivered.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,13 +34,19 @@ from lloom.errors import (
     Refused,
     as_lloom_error,
 )
-from lloom.executor.error_frames import error_frame
 from lloom.executor.metrics import ExecutorMetrics
 from lloom.executor.receipts import ReceiptBook
 from lloom.executor.shares import Channels, Counter
 from lloom.executor.usage import UsageRecord
 from lloom.node.streams import FramedStream
-from lloom.protocol import billing, llm, openai_body
+from lloom.protocol import llm
+from lloom.protocol.error_frames import error_frame
+from lloom.protocol.executor_exchange import (
+    Event,
+    ExecutorExchange,
+    ReceiptArrived,
+    RequestArrived,
+)
 from lloom.protocol.llm import ErrorCode, RequestKind
 from lloom.protocol.openai_body import Policy
 
@@ -65,10 +74,15 @@ class Backend(Protocol):
 
 
 class UsageSink(Protocol):
-    """Where completed requests are recorded, durably, before the client is told."""
+    """Where requests are recorded, durably, before the client is told."""
 
     async def record(self, rec: UsageRecord, asked: llm.ReceiptRequest | None) -> None:
-        """Store one record with the receipt asked for it; return once it is durable."""
+        """Store one completed request with the receipt asked for it; return once durable."""
+        ...
+
+    async def progress(self, rec: UsageRecord, final: bool = False) -> None:
+        """Store what an answer still streaming delivered so far, or (``final``) what a
+        broken-off answer delivered."""
         ...
 
 
@@ -91,14 +105,8 @@ class Limits:
     keepalive_secs: float = 60.0
     #: How long the executor waits for the client's receipt after a request.
     receipt_timeout_secs: float = 10.0
-
-
-@dataclass
-class _Outcome:
-    """What a backend call produced, for usage accounting."""
-
-    text: str
-    usage: llm.Usage | None
+    #: How often a streaming answer's delivered usage is checkpointed to the store.
+    checkpoint_secs: float = 1.0
 
 
 class RequestHandler:
@@ -154,40 +162,59 @@ class RequestHandler:
             with self._streams.hold(client_address):
                 await self._serve_stream(framed, client_address)
         except Refused as refusal:  # this peer holds too many streams
-            await self._send_error(framed, refusal, client_address)
+            await self._send_error(framed, None, refusal, client_address)
             await framed.discard()
         except Exception as exc:  # the last boundary: log, drop this stream, carry on
             self._log_failure(as_lloom_error(exc), exc, client_address)
             await framed.reset()
 
     async def _serve_stream(self, framed: FramedStream, client_address: str) -> None:
+        exchange = ExecutorExchange(self.policy_for)
         timeout = self.limits.first_frame_timeout_secs
-        pending: bytes | None = None
+        pending: list[Event] = []
         while True:
+            frame = b""
+            if not pending:
+                try:
+                    read = await framed.read_frame(timeout=timeout)
+                except (FrameTooLarge, ProtocolError) as exc:
+                    # The framing is lost after a refused frame: answer, then drop the rest.
+                    await self._send_error(framed, exchange, exc, client_address)
+                    return await framed.discard()
+                except NetworkError:  # a timeout, or the client reset the stream
+                    return await framed.reset()
+                if read is None:
+                    return await framed.close()
+                frame = read
             try:
-                frame = pending if pending is not None else await framed.read_frame(timeout=timeout)
-                pending = None
-            except (FrameTooLarge, ProtocolError) as exc:
-                # The framing is lost after a refused frame: answer, then drop the rest.
-                await self._send_error(framed, exc, client_address)
-                return await framed.discard()
-            except NetworkError:  # a timeout, or the client reset the stream
-                return await framed.reset()
-            if frame is None:
-                return await framed.close()
-            try:
-                pending = await self._one(framed, frame, client_address)
+                if not pending:
+                    pending = exchange.receive(frame)
+                event = pending.pop(0)
+                if isinstance(event, RequestArrived):
+                    pending = await self._one(framed, exchange, event, client_address)
             except NetworkError as exc:
                 logger.info("client %s went away: %s", client_address, exc)
                 return await framed.reset()
             except Exception as exc:  # a request's boundary: one error frame, one log line
-                if not await self._send_error(framed, exc, client_address):
+                pending = []
+                if not await self._send_error(framed, exchange, exc, client_address):
                     return await framed.reset()
             timeout = self.limits.keepalive_secs
 
-    async def _one(self, framed: FramedStream, frame: bytes, client_address: str) -> bytes | None:
-        """Serve one request; return a next request that arrived in place of a receipt."""
-        request, client_limit = self._parse(frame)
+    def policy_for(self, model: str | None) -> Policy:
+        """What may reach the backend of ``model`` (the strictest policy for no model)."""
+        return self.policy(model) if model is not None else Policy(self.limits.max_tokens)
+
+    async def _one(
+        self,
+        framed: FramedStream,
+        exchange: ExecutorExchange,
+        arrived: RequestArrived,
+        client_address: str,
+    ) -> list[Event]:
+        """Serve one request; return the events of a next request that arrived in place of
+        a receipt."""
+        request = arrived.request
         backend = self.backends.get(request.model)
         if backend is None:
             raise Refused(
@@ -203,20 +230,17 @@ class RequestHandler:
                     f"executor busy ({self.limits.max_concurrent_requests} requests running)",
                 ) from None
             try:
-                record, backend_usage = await self._run(
-                    framed, request, backend, client_address, client_limit
-                )
+                record, backend_usage = await self._run(framed, exchange, backend, client_address)
             finally:
                 self._slots.release()
-        return await self._finish(framed, record, backend_usage)
+        return await self._finish(framed, exchange, record, backend_usage)
 
     async def _run(
         self,
         framed: FramedStream,
-        request: llm.Request,
+        exchange: ExecutorExchange,
         backend: Backend,
         client_address: str,
-        client_limit: int | None,
     ) -> tuple[UsageRecord, llm.Usage | None]:
         """Serve one admitted request (a slot held)."""
         if self.receipts is not None and await self.receipts.blocked(client_address):
@@ -227,84 +251,110 @@ class RequestHandler:
         self.active += 1
         self.metrics.active.inc()
         try:
-            return await self._serve(framed, request, backend, client_address, client_limit)
+            return await self._serve(framed, exchange, backend, client_address)
         finally:
             self.active -= 1
             self.metrics.active.dec()
 
     async def _collect_receipt(
-        self, framed: FramedStream, record: UsageRecord, asked: llm.ReceiptRequest
-    ) -> bytes | None:
+        self,
+        framed: FramedStream,
+        exchange: ExecutorExchange,
+        record: UsageRecord,
+        asked: llm.ReceiptRequest,
+    ) -> list[Event]:
         assert self.receipts is not None
-        answer: llm.Message | None = None
-        leftover: bytes | None = None
+        events: list[Event] = []
         try:
             frame = await framed.read_frame(timeout=self.limits.receipt_timeout_secs)
             if frame is not None:
-                answer = llm.decode(frame)
-                if isinstance(answer, llm.Request):
-                    leftover, answer = frame, None  # a client that does not sign receipts
+                events = exchange.receive(frame)
         except (PeerTimeout, ProtocolError):
-            answer = None
-        await self.receipts.settle_answer(record, asked, answer)
-        return leftover
-
-    def _parse(self, frame: bytes) -> tuple[llm.Request, int | None]:
-        """The request as it goes to the backend, and the completion limit the client
-        itself asked for (the billing cap; the policy may clamp the backend's lower)."""
-        msg = llm.decode(frame)
-        if not isinstance(msg, llm.Request):
-            raise ProtocolError(f"expected a request message, not {type(msg).__name__}")
-        model = msg.body.get("model")
-        policy = self.policy(model) if isinstance(model, str) else Policy(self.limits.max_tokens)
-        body = openai_body.normalize(msg.kind, msg.body, policy)  # validates msg.body too
-        client_limit = openai_body.completion_limit(msg.body)
-        return llm.Request(msg.kind, body, msg.request_id), client_limit
+            pass
+        if not events:
+            events = [exchange.receipt_timed_out()]
+        answer = events.pop(0)
+        assert isinstance(answer, ReceiptArrived)
+        await self.receipts.settle_answer(record, asked, answer.answer)
+        return events
 
     async def _serve(
         self,
         framed: FramedStream,
-        request: llm.Request,
+        exchange: ExecutorExchange,
         backend: Backend,
         client: str,
-        client_limit: int | None,
     ) -> tuple[UsageRecord, llm.Usage | None]:
         """Stream the answer; return the usage record (not yet stored) and the backend's
-        own usage report."""
+        own usage report. What a broken-off stream delivered is stored as partial usage."""
+        assert exchange.current is not None
+        request = exchange.current.request
         started = time.time()
+        request_id = uuid.uuid4().hex
+
+        def record() -> UsageRecord:
+            usage = exchange.usage()
+            return UsageRecord(
+                request_id=request_id,
+                client_address=client,
+                model=request.model,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                created_at=started,
+                client_request_id=request.request_id,
+            )
+
         try:
             with trio.fail_after(self.limits.request_timeout_secs):
                 if request.stream:
-                    outcome = await self._stream(framed, request, backend)
+                    backend_usage = await self._stream(framed, exchange, backend, record)
                 else:
-                    outcome = await self._complete(framed, request, backend)
+                    backend_usage = await self._complete(framed, exchange, backend)
         except trio.TooSlowError:
+            await self._keep_partial(exchange, record)
             raise BackendTimeout(
                 f"request exceeded {self.limits.request_timeout_secs:g} s"
             ) from None
-        record = UsageRecord(
-            request_id=uuid.uuid4().hex,
-            client_address=client,
-            model=request.model,
-            prompt_tokens=billing.prompt_tokens(request.kind, request.body),
-            completion_tokens=billing.completion_tokens(outcome.text, client_limit),
-            created_at=started,
-            client_request_id=request.request_id,
-        )
+        except Exception:
+            await self._keep_partial(exchange, record)
+            raise
+        rec = record()
         self.served += 1
         self.metrics.requests.labels(request.model).inc()
-        self.metrics.tokens.labels(request.model, "prompt").inc(record.prompt_tokens)
-        self.metrics.tokens.labels(request.model, "completion").inc(record.completion_tokens)
+        self.metrics.tokens.labels(request.model, "prompt").inc(rec.prompt_tokens)
+        self.metrics.tokens.labels(request.model, "completion").inc(rec.completion_tokens)
         self.metrics.latency.labels(request.model).observe(time.time() - started)
-        return record, outcome.usage
+        return rec, backend_usage
+
+    async def _keep_partial(
+        self, exchange: ExecutorExchange, record: Callable[[], UsageRecord]
+    ) -> None:
+        """Store what a stream delivered before it broke off (nothing if it sent nothing)."""
+        if not exchange.chunks:
+            return
+        with trio.move_on_after(10) as scope:
+            scope.shield = True
+            rec = record()
+            await self.usage.progress(rec, final=True)
+            logger.info(
+                "request %s of %s broke off after %d chunk(s); kept %d completion tokens",
+                rec.request_id,
+                rec.client_address,
+                exchange.chunks,
+                rec.completion_tokens,
+            )
 
     async def _finish(
-        self, framed: FramedStream, record: UsageRecord, backend_usage: llm.Usage | None
-    ) -> bytes | None:
+        self,
+        framed: FramedStream,
+        exchange: ExecutorExchange,
+        record: UsageRecord,
+        backend_usage: llm.Usage | None,
+    ) -> list[Event]:
         """Store the usage, end the request and collect its receipt, one request of a
         channel (client, model) at a time: each receipt asked adds to the last one signed,
-        so two requests whose ends crossed can never ask for overlapping totals. Returns a
-        next request that arrived in place of a receipt."""
+        so two requests whose ends crossed can never ask for overlapping totals. Returns the
+        events of a next request that arrived in place of a receipt."""
         async with self._channels.one_at_a_time((record.client_address, record.model)):
             asked = None
             if self.receipts is not None:
@@ -312,51 +362,84 @@ class RequestHandler:
             await self.usage.record(record, asked)
             usage = llm.Usage(record.prompt_tokens, record.completion_tokens)
             end = llm.End(record.request_id, record.model, usage, backend_usage, asked)
-            await framed.write_frame(llm.encode(end))
+            await framed.write_frame(exchange.send_end(end))
             if asked is None:
-                return None
-            return await self._collect_receipt(framed, record, asked)
+                return []
+            return await self._collect_receipt(framed, exchange, record, asked)
 
     async def _complete(
-        self, framed: FramedStream, request: llm.Request, backend: Backend
-    ) -> _Outcome:
+        self, framed: FramedStream, exchange: ExecutorExchange, backend: Backend
+    ) -> llm.Usage | None:
+        assert exchange.current is not None
+        request = exchange.current.request
         if request.kind is RequestKind.CHAT:
             data = await backend.chat(request.body)
         else:
             data = await backend.completions(request.body)
-        await framed.write_frame(llm.encode(llm.Response(data)))
-        return _Outcome(billing.delivered_text(data), _maybe_usage(data.get("usage")))
+        await framed.write_frame(exchange.send_response(data))
+        return _maybe_usage(data.get("usage"))
 
     async def _stream(
-        self, framed: FramedStream, request: llm.Request, backend: Backend
-    ) -> _Outcome:
+        self,
+        framed: FramedStream,
+        exchange: ExecutorExchange,
+        backend: Backend,
+        record: Callable[[], UsageRecord],
+    ) -> llm.Usage | None:
+        """Relay the backend's chunks; checkpoint the delivered usage while they flow."""
+        assert exchange.current is not None
+        request = exchange.current.request
         chunks = (
             backend.chat_stream(request.body)
             if request.kind is RequestKind.CHAT
             else backend.completions_stream(request.body)
         )
-        parts: list[str] = []
         usage: llm.Usage | None = None
-        async with aclosing(chunks):
-            async for chunk in chunks:
-                if chunk.get("usage"):
-                    usage = _maybe_usage(chunk["usage"]) or usage
-                if not chunk.get("choices"):
-                    continue  # the usage-only chunk; usage travels in the end frame
-                parts.append(billing.delivered_text(chunk))
-                await framed.write_frame(llm.encode(llm.Chunk(chunk)))
-        return _Outcome("".join(parts), usage)
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._checkpoints, exchange, record)
+            try:
+                async with aclosing(chunks):
+                    async for chunk in chunks:
+                        if chunk.get("usage"):
+                            usage = _maybe_usage(chunk["usage"]) or usage
+                        if not chunk.get("choices"):
+                            continue  # the usage-only chunk; usage travels in the end frame
+                        await framed.write_frame(exchange.send_chunk(chunk))
+            except Exception as exc:  # raised below, outside the nursery (no exception group)
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return usage
+
+    async def _checkpoints(
+        self, exchange: ExecutorExchange, record: Callable[[], UsageRecord]
+    ) -> None:
+        """Store the delivered usage of a streaming answer every ``checkpoint_secs`` (when
+        it grew), so that even a killed executor keeps what it delivered."""
+        stored = 0
+        while True:
+            await trio.sleep(self.limits.checkpoint_secs)
+            if exchange.chunks > stored:
+                stored = exchange.chunks
+                await self.usage.progress(record())
 
     async def _send_error(
-        self, framed: FramedStream, exc: BaseException, client_address: str
+        self,
+        framed: FramedStream,
+        exchange: ExecutorExchange | None,
+        exc: BaseException,
+        client_address: str,
     ) -> bool:
         """Log ``exc`` once and send its error frame; False if the client is gone."""
         error = as_lloom_error(exc)
         self._log_failure(error, exc, client_address)
         frame = error_frame(error)
         self.metrics.errors.labels(frame.code.value).inc()
+        data = exchange.send_error(frame) if exchange is not None else llm.encode(frame)
         try:
-            await framed.write_frame(llm.encode(frame))
+            await framed.write_frame(data)
         except NetworkError:
             return False
         return True

@@ -319,7 +319,7 @@ class Settler:
         rows = self.store.execute(
             "SELECT request_id, client_address, model, prompt_tokens + completion_tokens "
             "FROM usage WHERE settlement_id IS NULL AND prompt_tokens + completion_tokens > 0 "
-            "ORDER BY created_at LIMIT ?",
+            "AND state != 'open' ORDER BY created_at LIMIT ?",
             (self.max_batch,),
         )
         out = []

@@ -2,6 +2,9 @@
 
 Every completed request is written and committed (WAL, ``synchronous=FULL``) before the
 client is told the request ended, so an answered request survives a SIGKILL right after.
+A streamed answer is also checkpointed while it runs (an ``open`` row, about once a second)
+and a broken-off one is kept as ``partial``: what an executor delivered is never lost, not
+even when it is killed mid-answer.
 The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` upgrades older
 files in place. The API is synchronous and thread-safe: async callers run it in a worker
 thread (:class:`AsyncUsageStore`).
@@ -81,7 +84,14 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE usage ADD COLUMN client_request_id TEXT;
     """,
+    """
+    ALTER TABLE usage ADD COLUMN state TEXT NOT NULL DEFAULT 'complete';
+    """,
 )
+
+#: A row's ``state``: an answer that ended with ``end``; one still being streamed (its
+#: counts are what it delivered at the last checkpoint); one broken off (what it delivered).
+COMPLETE, OPEN, PARTIAL = "complete", "open", "partial"
 
 
 class UsageStoreError(StoreError):
@@ -171,26 +181,48 @@ class UsageStore:
 
         Raises :class:`DuplicateUsage` for a known request id.
         """
+        if not self._upsert(rec, COMPLETE, totals):
+            raise DuplicateUsage(f"request {rec.request_id} is already recorded")
+
+    def progress(self, rec: UsageRecord, final: bool = False) -> None:
+        """Store what an answer still being streamed delivered so far (an ``open`` row,
+        kept until the answer ends), or, when ``final``, what a broken-off answer delivered
+        (a ``partial`` row). A row that already ended is left alone."""
+        self._upsert(rec, PARTIAL if final else OPEN, None)
+
+    def close_open(self) -> int:
+        """Mark rows left ``open`` by a process that died mid-answer as ``partial`` (their
+        counts are the last checkpoint's); return how many."""
+        with self._lock, self._transaction():
+            cursor = self._db.execute("UPDATE usage SET state = ? WHERE state = ?", (PARTIAL, OPEN))
+            return int(cursor.rowcount)
+
+    def _upsert(self, rec: UsageRecord, state: str, totals: tuple[int, int] | None) -> bool:
+        """Insert ``rec``, or update its row while that is ``open``; whether it was stored."""
         prompt_total, completion_total = totals if totals is not None else (None, None)
         with self._lock, self._transaction():
-            try:
-                self._db.execute(
-                    f"INSERT INTO usage ({_COLUMNS}, prompt_total, completion_total) "  # noqa: S608
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        rec.request_id,
-                        rec.client_address,
-                        rec.model,
-                        rec.prompt_tokens,
-                        rec.completion_tokens,
-                        rec.created_at,
-                        rec.client_request_id,
-                        prompt_total,
-                        completion_total,
-                    ),
-                )
-            except sqlite3.IntegrityError:
-                raise DuplicateUsage(f"request {rec.request_id} is already recorded") from None
+            cursor = self._db.execute(
+                f"INSERT INTO usage ({_COLUMNS}, prompt_total, completion_total, state) "  # noqa: S608
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET "
+                "prompt_tokens = excluded.prompt_tokens, "
+                "completion_tokens = excluded.completion_tokens, "
+                "prompt_total = excluded.prompt_total, "
+                "completion_total = excluded.completion_total, state = excluded.state "
+                "WHERE usage.state = 'open'",
+                (
+                    rec.request_id,
+                    rec.client_address,
+                    rec.model,
+                    rec.prompt_tokens,
+                    rec.completion_tokens,
+                    rec.created_at,
+                    rec.client_request_id,
+                    prompt_total,
+                    completion_total,
+                    state,
+                ),
+            )
+            return cursor.rowcount > 0
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -212,6 +244,11 @@ class UsageStore:
         """Several statements in one transaction, under the store's lock."""
         with self._lock, self._transaction():
             yield self._db
+
+    def state(self, request_id: str) -> str | None:
+        """The ``state`` of a row (complete, open or partial), if it exists."""
+        rows = self.execute("SELECT state FROM usage WHERE request_id = ?", (request_id,))
+        return str(rows[0][0]) if rows else None
 
     def get(self, request_id: str) -> UsageRecord | None:
         """The record of ``request_id``, if any."""
@@ -271,3 +308,7 @@ class AsyncUsageStore:
         """Store ``rec`` durably without blocking the event loop."""
         totals = None if asked is None else (asked.prompt_total, asked.completion_total)
         await trio.to_thread.run_sync(self.store.record, rec, totals)
+
+    async def progress(self, rec: UsageRecord, final: bool = False) -> None:
+        """Store what an unfinished answer delivered so far (see :meth:`UsageStore.progress`)."""
+        await trio.to_thread.run_sync(self.store.progress, rec, final)

@@ -27,9 +27,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lloom.client.network import NetworkClient
 from lloom.client.session import Result
 from lloom.errors import DiscoveryFailed, InvalidRequest, LloomError, RequestTooLarge
-from lloom.gateway.core import Gateway
 from lloom.gateway.errors import ApiError, api_error
 from lloom.gateway.guard import AccessPolicy, Guard, new_request_id
 from lloom.gateway.keys import KeyRing, KeyUsage, Limiter, now
@@ -142,7 +142,7 @@ class GatewayApp:
     comment_every: float = 5.0
 
     def __init__(
-        self, gateway: Gateway, metrics: Metrics | None = None, access: Access | None = None
+        self, gateway: NetworkClient, metrics: Metrics | None = None, access: Access | None = None
     ) -> None:
         self.gateway = gateway
         self.m = metrics or Metrics()
@@ -320,7 +320,7 @@ class _Call:
 
 
 def build_app(
-    gateway: Gateway, metrics: Metrics | None = None, access: Access | None = None
+    gateway: NetworkClient, metrics: Metrics | None = None, access: Access | None = None
 ) -> Guard:
     """The ASGI app of ``gateway``."""
     return GatewayApp(gateway, metrics, access).app

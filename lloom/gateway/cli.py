@@ -18,6 +18,7 @@ from lloom.cli.common import (
 )
 from lloom.cli.keys import default_key_usage_path
 from lloom.client.loads import follow_loads
+from lloom.client.network import NetworkClient
 from lloom.client.observed import EXECUTOR_BOOK, ExecutorBook
 from lloom.client.options import (
     add_chain_args,
@@ -28,7 +29,6 @@ from lloom.client.options import (
 from lloom.client.receipts import Ledger, ReceiptSigner
 from lloom.errors import LloomError, NetworkError, UsageError
 from lloom.gateway.app import Access, build_app
-from lloom.gateway.core import Gateway
 from lloom.gateway.guard import AccessPolicy, is_loopback
 from lloom.gateway.keys import ENV_KEYS, KeyUsage, load_keys
 from lloom.httpserver import start_http
@@ -141,7 +141,7 @@ async def _serve(
                     raise NetworkError("no bootstrap node reachable")
                 signer = ReceiptSigner(identity, ledger, domain_from_args(args))
                 choice = choice_from_args(args, book)
-                gateway = Gateway(node, signer, timeout=args.timeout, choice=choice)
+                gateway = NetworkClient(node, signer, timeout=args.timeout, choice=choice)
                 gateway.nursery = nursery
                 nursery.start_soon(follow_loads, node, gateway.loads)
                 nursery.start_soon(_keep_saving, book)

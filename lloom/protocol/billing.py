@@ -18,6 +18,8 @@ the client sent and the text it received, with one named tokenizer shipped offli
   order, for every choice, its ``reasoning_content`` and ``content`` (strings only), each
   tool call's function ``name`` and ``arguments``, and a legacy choice's ``text``; never
   more than the ``max_completion_tokens`` or ``max_tokens`` the client sent.
+- **Resumed completion** (a request carrying ``resume``, :mod:`lloom.protocol.resume`): the
+  completion count minus ``count`` of the text delivered before, never below 0.
 
 Counts are of the request body as the client sent it, after the one rewrite both sides
 make: a chat body with a string ``prompt`` and no ``messages`` is one user message.
@@ -132,3 +134,16 @@ def completion_tokens(text: str, max_tokens: int | None) -> int:
     count as more)."""
     counted = count(text)
     return counted if max_tokens is None else min(counted, max_tokens)
+
+
+def resumed_completion_tokens(text: str, delivered: str, max_tokens: int | None) -> int:
+    """The billing count of a resumed answer (:mod:`lloom.protocol.resume`): what ``text``
+    adds to the ``delivered`` text another executor already billed. When ``text`` repeats
+    ``delivered`` and goes on, ``completion_tokens(text) - count(delivered)``, so the two
+    executors' counts add up to the count of the whole answer; while ``text`` is still
+    repeating it, 0; when ``text`` differs, all of it."""
+    if text.startswith(delivered):
+        return max(0, completion_tokens(text, max_tokens) - count(delivered))
+    if delivered.startswith(text):
+        return 0
+    return completion_tokens(text, max_tokens)

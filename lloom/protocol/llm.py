@@ -3,7 +3,8 @@
 One libp2p stream carries one request. Every message is one frame
 (:mod:`lloom.framing`) holding a UTF-8 JSON object with a type field ``t``::
 
-    client -> executor   {"t": "request", "kind": "chat"|"completion", "body": {...}, "id"?}
+    client -> executor   {"t": "request", "kind": "chat"|"completion", "body": {...}, "id"?,
+                          "resume"?: {"delivered": "..."}}
     executor -> client   {"t": "chunk", "data": {...}}        0..n, streaming only
                          {"t": "response", "data": {...}}     non-streaming only
                          {"t": "end", "request_id", "model", "usage", "backend_usage"?,
@@ -91,11 +92,15 @@ class Request:
 
     ``request_id`` is the client's own id for the request (a gateway's ``x-request-id``);
     the executor keeps it in the usage row, so one request can be followed end to end.
+    ``resume`` is set when the request continues an answer another executor broke off:
+    the text already delivered, which this executor's answer repeats and does not bill
+    (:mod:`lloom.protocol.resume`).
     """
 
     kind: RequestKind
     body: dict[str, Any]
     request_id: str | None = None
+    resume: str | None = None
 
     def __post_init__(self) -> None:
         if self.request_id is not None and not _REQUEST_ID.fullmatch(self.request_id):
@@ -261,10 +266,12 @@ def encode(msg: Message) -> bytes:
     """Serialize a message to the bytes of one frame."""
     obj: dict[str, Any]
     match msg:
-        case Request(kind=kind, body=body, request_id=request_id):
+        case Request(kind=kind, body=body, request_id=request_id, resume=resume):
             obj = {"t": "request", "kind": kind.value, "body": body}
             if request_id is not None:
                 obj["id"] = request_id
+            if resume is not None:
+                obj["resume"] = {"delivered": resume}
         case Chunk(data=data):
             obj = {"t": "chunk", "data": data}
         case Response(data=data):
@@ -302,7 +309,10 @@ def _request(obj: dict[str, Any]) -> Message:
     request_id = obj.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError("id must be a string")
-    return Request(RequestKind(obj["kind"]), _object(obj, "body"), request_id)
+    resume = obj.get("resume")
+    if resume is not None:
+        resume = _string(_object(obj, "resume"), "delivered")
+    return Request(RequestKind(obj["kind"]), _object(obj, "body"), request_id, resume)
 
 
 def _end(obj: dict[str, Any]) -> Message:

@@ -11,7 +11,8 @@ import pytest
 import trio
 
 from lloom.chain.receipts import Domain
-from lloom.client.discovery import Choice, ordered_executors
+from lloom.client.discovery import Choice
+from lloom.client.network import NetworkClient
 from lloom.client.observed import ExecutorBook
 from lloom.client.receipts import Ledger, ReceiptSigner
 from lloom.client.session import request_with_failover
@@ -58,7 +59,7 @@ async def test_a_rogue_is_refused_and_ranked_last(procs: Processes, tmp_path: Pa
             assert str(first.executor) == rogue.peer_id and first.receipt_refused
             assert signer.last_refusal is not None and "gpt-4o" in signer.last_refusal
             # From now on it goes last, whatever the DHT or its announcements say.
-            order = await ordered_executors(node, "mock-a", choice=Choice(book=book))
+            order = await NetworkClient(node, None, choice=Choice(book=book)).executors("mock-a")
             assert [str(i.peer_id) for i in order] == [honest.peer_id, rogue.peer_id]
             for _ in range(3):
                 result = await request_with_failover(node, order, chat(), book=book)

@@ -2,7 +2,7 @@
 
 ``python -m tests.support.mock_openai [--host H] [--port 0] [--reply TEXT] [--no-usage]
 [--delay-ms N] [--chunk-delay-ms N] [--fail-status N] [--inflate-usage K] [--models a,b]
-[--api-key KEY]``
+[--api-key KEY] [--stall-after N]``
 prints exactly one line, ``ready url=http://HOST:PORT/v1``, once listening (port 0 picks a
 free port; the line has the real one) and stops with exit code 0 on SIGINT or SIGTERM.
 
@@ -14,7 +14,8 @@ given, then ``data: [DONE]``. Usage counts whitespace-separated words. ``--delay
 waits before answering, ``--chunk-delay-ms`` before each word. Unknown models get 404
 ``model_not_found``, malformed bodies 400, and ``--fail-status N`` answers every
 completion request with HTTP N, message ``mock failure``. With ``--api-key`` every request
-without ``Authorization: Bearer KEY`` gets 401 ``invalid_api_key``.
+without ``Authorization: Bearer KEY`` gets 401 ``invalid_api_key``. ``--stall-after N``
+streams N words of an answer and then sends nothing more (an executor stuck mid-answer).
 
 :func:`build_app` serves the same in-process (e.g. with ``httpx.ASGITransport``); its
 :class:`MockOptions` records what it received, for assertions.
@@ -57,6 +58,8 @@ class MockOptions:
     models: tuple[str, ...] = DEFAULT_MODELS
     #: When set, every request must carry ``Authorization: Bearer <api_key>`` (else 401).
     api_key: str | None = None
+    #: Streams stop sending after this many words (and stay open), when set.
+    stall_after: int | None = None
     #: Every completion request body received (parsed), in order.
     seen: list[dict[str, Any]] = field(default_factory=list)
     #: The headers of those requests (lower-case names).
@@ -190,7 +193,9 @@ async def _events(options: MockOptions, answer: _Answer, with_usage: bool) -> As
     chunk = _chunker(answer)
     if answer.chat:
         yield chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-    for piece in _pieces(answer.text):
+    for number, piece in enumerate(_pieces(answer.text)):
+        if options.stall_after is not None and number >= options.stall_after:
+            await trio.sleep_forever()
         if options.chunk_delay_ms:
             await trio.sleep(options.chunk_delay_ms / 1000)
         text = {"delta": {"content": piece}} if answer.chat else {"text": piece}
@@ -283,6 +288,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, int, MockOptions]:
     p.add_argument("--inflate-usage", type=int, default=1)
     p.add_argument("--models", default=",".join(DEFAULT_MODELS))
     p.add_argument("--api-key", help="require this bearer token (else 401)")
+    p.add_argument("--stall-after", type=int, help="stop streams after N words")
     a = p.parse_args(argv)
     options = MockOptions(
         reply=a.reply,
@@ -293,6 +299,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, int, MockOptions]:
         inflate_usage=a.inflate_usage,
         models=tuple(m for m in a.models.split(",") if m),
         api_key=a.api_key,
+        stall_after=a.stall_after,
     )
     return a.host, a.port, options
 

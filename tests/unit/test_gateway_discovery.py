@@ -10,9 +10,9 @@ import trio
 import trio.testing
 from libp2p.peer.peerinfo import PeerInfo
 
-import lloom.gateway.core as core
+import lloom.client.network as core
+from lloom.client.network import NetworkClient
 from lloom.errors import DiscoveryFailed, NoExecutorError
-from lloom.gateway.core import Gateway
 from lloom.identity import Identity
 from lloom.node.node import Node
 
@@ -41,8 +41,8 @@ def lookups(monkeypatch: pytest.MonkeyPatch) -> Lookups:
     return fake
 
 
-def gateway(nursery: trio.Nursery) -> Gateway:
-    g = Gateway(cast(Node, None), None, discovery_ttl=10.0)
+def gateway(nursery: trio.Nursery) -> NetworkClient:
+    g = NetworkClient(cast(Node, None), None, discovery_ttl=10.0)
     g.nursery = nursery
     return g
 

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import trio
 
+from lloom.client.network import NetworkClient
 from lloom.client.session import Result
 from lloom.gateway.app import Access, GatewayApp
-from lloom.gateway.core import Gateway
 from lloom.gateway.guard import AccessPolicy
 from lloom.gateway.keys import ApiKey, KeyRing, KeyUsage
 from lloom.identity import Identity
@@ -61,7 +61,7 @@ class FakeGateway:
 
 
 def app(fake: FakeGateway, access: Access | None = None, **attrs: Any) -> GatewayApp:
-    gateway_app = GatewayApp(cast(Gateway, fake), access=access)
+    gateway_app = GatewayApp(cast(NetworkClient, fake), access=access)
     for name, value in attrs.items():
         setattr(gateway_app, name, value)
     return gateway_app

@@ -6,15 +6,15 @@ from typing import Any, cast
 
 from libp2p.peer.peerinfo import PeerInfo
 
+from lloom.client.network import NetworkClient
 from lloom.errors import NoExecutorError
-from lloom.gateway.core import Gateway
 from lloom.identity import Identity
 from lloom.node.node import Node
 from lloom.protocol.announce import LoadAnnouncement
 
 
 async def test_a_model_only_gossip_claims_is_not_listed() -> None:
-    gateway = Gateway(cast(Node, None), None)
+    gateway = NetworkClient(cast(Node, None), None)
     honest, liar = Identity.generate().peer_id, Identity.generate().peer_id
     gateway.loads.update(honest, LoadAnnouncement(("real",), 0, 16, 0.0))
     gateway.loads.update(liar, LoadAnnouncement(("real", "made-up"), 0, 16, 0.0))

@@ -83,9 +83,14 @@ class FakeBackend:
 class ListSink:
     def __init__(self) -> None:
         self.records: list[UsageRecord] = []
+        #: Every progress call: (record, final).
+        self.progress_calls: list[tuple[UsageRecord, bool]] = []
 
     async def record(self, rec: UsageRecord, asked: llm.ReceiptRequest | None) -> None:
         self.records.append(rec)
+
+    async def progress(self, rec: UsageRecord, final: bool = False) -> None:
+        self.progress_calls.append((rec, final))
 
 
 def chat(stream: bool, model: str = "m", **extra: Any) -> bytes:
@@ -190,7 +195,7 @@ async def test_oversized_request_and_wrong_first_message() -> None:
     assert isinstance(msgs[0], llm.Error) and msgs[0].code is llm.ErrorCode.BAD_REQUEST
 
 
-async def test_client_gone_mid_stream_records_nothing() -> None:
+async def test_client_gone_mid_stream_keeps_what_was_delivered() -> None:
     sink = ListSink()
     h = handler(FakeBackend(["a"] * 50, delay=0.01), sink)
     a, b = trio.testing.memory_stream_pair()
@@ -201,8 +206,40 @@ async def test_client_gone_mid_stream_records_nothing() -> None:
         await client.write_frame(chat(True))
         assert await client.read_frame() is not None
         await b.aclose()
-    assert sink.records == []
+    assert sink.records == []  # no complete row: the answer never ended
+    partial, final = sink.progress_calls[-1]
+    assert final and 1 <= partial.completion_tokens < 50
     assert h.active == 0
+
+
+class BreakingBackend(FakeBackend):
+    """Streams its words, then fails."""
+
+    async def chat_stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        for word in self.words:
+            await trio.sleep(self.delay)
+            yield {"choices": [{"delta": {"content": word}}]}
+        raise BackendUnreachable("backend died")
+
+
+async def test_backend_dying_mid_stream_keeps_a_partial_row_of_what_was_sent() -> None:
+    sink = ListSink()
+    msgs = await exchange(handler(BreakingBackend(["one ", "two "]), sink), chat(True))
+    assert [type(m).__name__ for m in msgs] == ["Chunk", "Chunk", "Error"]
+    [(partial, final)] = sink.progress_calls
+    assert final and partial.completion_tokens == billing.count("one two ")
+    assert partial.prompt_tokens == HI and sink.records == []
+
+
+async def test_a_streaming_answer_is_checkpointed_then_completed() -> None:
+    sink = ListSink()
+    h = handler(FakeBackend(["w "] * 8, delay=0.05), sink, checkpoint_secs=0.08)
+    msgs = await exchange(h, chat(True))
+    assert isinstance(msgs[-1], llm.End)
+    checkpoints = [rec.completion_tokens for rec, final in sink.progress_calls if not final]
+    assert len(checkpoints) >= 2 and checkpoints == sorted(checkpoints) and checkpoints[0] > 0
+    assert {rec.request_id for rec, _ in sink.progress_calls} == {sink.records[0].request_id}
+    assert sink.records[0].completion_tokens >= checkpoints[-1]
 
 
 async def test_several_requests_on_one_stream() -> None:

@@ -74,9 +74,8 @@ class Net:
         client = FramedStream(MemoryNetStream(b), read_timeout=5)  # type: ignore[arg-type]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.handler.handle, server, CLIENT.address)
-            result, _ = await _exchange(client, request, EXECUTOR.peer_id, None, self.signer)
+            result = await _exchange(client, request, EXECUTOR.peer_id, None, self.signer)
             await b.send_eof()
-        assert result is not None
         return result.end
 
     def statuses(self) -> list[str]:

@@ -34,7 +34,7 @@ def test_round_trip_and_totals(tmp_path: Path) -> None:
         assert store.count() == 2
         assert store.all() == [rec(1), rec(2, "0x" + "cd" * 20)]
         assert store.totals_by_client() == {ADDR: 16, "0x" + "cd" * 20: 17}
-        assert store.schema_version == len(MIGRATIONS) == 3
+        assert store.schema_version == len(MIGRATIONS) == 4
 
 
 def test_duplicate_is_refused(tmp_path: Path) -> None:
@@ -130,3 +130,36 @@ def test_version_1_file_is_migrated(tmp_path: Path) -> None:
         assert store.get("old") == UsageRecord("old", ADDR, "m", 1, 2, 0.0)
         store.record(rec(1))
         assert store.count() == 2
+
+
+def test_open_rows_grow_then_end_complete_or_partial(tmp_path: Path) -> None:
+    """A streaming answer's checkpoints update one open row; the end completes it, a break
+    keeps it as partial, and a row that ended is never changed by a late checkpoint."""
+    with UsageStore(tmp_path / "u.db") as store:
+        growing = rec(1)
+        store.progress(growing)
+        store.progress(UsageRecord("req-1", ADDR, "m", 11, 9, 1001.0))
+        assert store.state("req-1") == "open" and store.get("req-1").completion_tokens == 9  # type: ignore[union-attr]
+        store.record(UsageRecord("req-1", ADDR, "m", 11, 12, 1001.0), (11, 12))
+        assert store.state("req-1") == "complete"
+        store.progress(UsageRecord("req-1", ADDR, "m", 11, 1, 1001.0))  # too late: ignored
+        assert store.get("req-1").completion_tokens == 12  # type: ignore[union-attr]
+        with pytest.raises(DuplicateUsage):
+            store.record(rec(1))
+        store.progress(rec(2))
+        store.progress(UsageRecord("req-2", ADDR, "m", 12, 7, 1002.0), final=True)
+        assert store.state("req-2") == "partial"
+        assert store.get("req-2").completion_tokens == 7  # type: ignore[union-attr]
+        assert store.state("nope") is None
+
+
+def test_open_rows_of_a_dead_process_become_partial(tmp_path: Path) -> None:
+    """What a killed executor checkpointed is kept, marked partial at the next start, and
+    only then offered to settlement."""
+    with UsageStore(tmp_path / "u.db") as store:
+        store.progress(rec(1))
+        store.record(rec(2))
+    with UsageStore(tmp_path / "u.db") as store:
+        assert store.close_open() == 1
+        assert store.state("req-1") == "partial" and store.state("req-2") == "complete"
+        assert store.close_open() == 0

@@ -1,9 +1,11 @@
-"""The gateway's connection to the network: warm streams, discovery cache, load table.
+"""The client library: discovery, ranking, spreading, pooling, failover and resume in one
+place, used by ``lloom-client`` and by the gateway alike.
 
-One :class:`Gateway` serves every HTTP request: it keeps libp2p connections and idle request
-streams to executors (:class:`~lloom.client.session.StreamPool`), follows executors' load
-announcements, caches per-model discovery for a few seconds, fails over like the CLI and
-signs receipts automatically.
+A :class:`NetworkClient` keeps libp2p connections and idle request streams to executors
+(:class:`~lloom.client.session.StreamPool`), the load announcements it follows, the last
+executors found per model (refreshed in the background), spreads requests over them by two
+random choices, fails over and continues broken-off answers
+(:func:`~lloom.client.session.request_with_failover`), and signs receipts.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -37,8 +40,8 @@ logger = logging.getLogger(__name__)
 MAX_LISTED_MODELS = 64
 
 
-class Gateway:
-    """Network side of the gateway."""
+class NetworkClient:
+    """A node's way to run requests on the network (see the module docstring)."""
 
     def __init__(
         self,
@@ -103,7 +106,7 @@ class Gateway:
         try:
             found = self.choice.permitted(await find_executors(self.node, model))
             if not found:
-                raise NoExecutorError(f"no executor this gateway may use serves {model!r}")
+                raise NoExecutorError(f"no executor this client may use serves {model!r}")
             rtts = await measure(self.node, found) if len(found) > 1 else {}
             cached = (time.monotonic(), found, rtts)
             self._found[model] = cached
@@ -132,6 +135,16 @@ class Gateway:
         cached = self._found.get(model)
         if cached is not None:
             self._found[model] = (0.0, cached[1], cached[2])
+
+    async def _fresh(self, model: str) -> list[PeerInfo]:
+        """Executors of ``model`` from a new lookup (for a request whose candidates all
+        failed): none when the lookup fails."""
+        try:
+            await self._lookup(model)
+            return await self.executors(model)
+        except LloomError as exc:
+            logger.info("looking up %s again found nothing new: %s", model, exc)
+            return []
 
     def _spread(self, ranked: list[PeerInfo]) -> list[PeerInfo]:
         """``ranked`` with this request's executor first, by two random choices over the
@@ -166,6 +179,7 @@ class Gateway:
                 pool=self.pool,
                 signer=self.signer,
                 book=self.choice.book,
+                more=partial(self._fresh, request.model),
             )
         except Exception:
             self.forget(request.model)
