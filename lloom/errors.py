@@ -337,6 +337,8 @@ class AllExecutorsFailed(ClientError):
     http_status = 503
     openai_type = "service_unavailable"
     exit_code = 4
+    #: Seconds a caller should wait before retrying (busy executors free up quickly).
+    retry_after = 1
 
     def __init__(self, errors: list[tuple[str, str]]) -> None:
         detail = "; ".join(f"{peer[:16]}…: {why}" for peer, why in errors)

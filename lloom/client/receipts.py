@@ -35,11 +35,14 @@ MAX_DEADLINE_SECS = 31 * 24 * 3600
 
 
 def counted_usage(request: llm.Request, completion: str) -> llm.Usage:
-    """The canonical billing count of ``request`` and the ``completion`` text received."""
-    return llm.Usage(
-        billing.prompt_tokens(request.kind, request.body),
-        billing.completion_tokens(completion, openai_body.completion_limit(request.body)),
-    )
+    """The canonical billing count of ``request`` and the ``completion`` text received (of
+    a resumed request, what it added to the text delivered before)."""
+    limit = openai_body.completion_limit(request.body)
+    if request.resume is None:
+        completion_tokens = billing.completion_tokens(completion, limit)
+    else:
+        completion_tokens = billing.resumed_completion_tokens(completion, request.resume, limit)
+    return llm.Usage(billing.prompt_tokens(request.kind, request.body), completion_tokens)
 
 
 class Ledger:

@@ -29,7 +29,13 @@ from starlette.routing import Route
 
 from lloom.client.network import NetworkClient
 from lloom.client.session import Result
-from lloom.errors import DiscoveryFailed, InvalidRequest, LloomError, RequestTooLarge
+from lloom.errors import (
+    AllExecutorsFailed,
+    DiscoveryFailed,
+    InvalidRequest,
+    LloomError,
+    RequestTooLarge,
+)
 from lloom.gateway.errors import ApiError, api_error
 from lloom.gateway.guard import AccessPolicy, Guard, new_request_id
 from lloom.gateway.keys import KeyRing, KeyUsage, Limiter, now
@@ -102,7 +108,7 @@ def _failure(exc: BaseException, metrics: Metrics) -> JSONResponse:
     else:
         logger.error("request failed: unexpected %s: %s", type(exc).__name__, exc, exc_info=exc)
     response = _error(answer, metrics)
-    if isinstance(exc, DiscoveryFailed):
+    if isinstance(exc, DiscoveryFailed | AllExecutorsFailed):
         response.headers["retry-after"] = str(exc.retry_after)
     return response
 
@@ -169,7 +175,7 @@ class GatewayApp:
         name = getattr(request.state, "api_key", None)
         if name is None:
             return
-        usage = result.end.usage
+        usage = result.billed
         self.m.key_requests.labels(name).inc()
         self.m.key_tokens.labels(name, "prompt").inc(usage.prompt_tokens)
         self.m.key_tokens.labels(name, "completion").inc(usage.completion_tokens)
@@ -334,5 +340,5 @@ def _usage_chunk(result: Result) -> dict[str, Any]:
         "created": int(time.time()),
         "model": result.end.model,
         "choices": [],
-        "usage": result.end.usage.to_json(),
+        "usage": result.billed.to_json(),
     }

@@ -1,7 +1,10 @@
-"""Many executors of one model: every one can announce itself, and lookups find them all."""
+"""Many executors of one model: every one can announce itself, lookups find them all, load
+spreads over them (less to a slow one), and a lookup that fails under load is never a 404."""
 
 from __future__ import annotations
 
+import collections
+import os
 import signal
 import sqlite3
 from pathlib import Path
@@ -12,7 +15,13 @@ import trio
 
 from lloom.dhtkeys import model_key
 from tests.e2e.test_failover import client_node
-from tests.support.network import start_gateway, start_mock, start_validator, write_config
+from tests.support.network import (
+    start_executor,
+    start_gateway,
+    start_mock,
+    start_validator,
+    write_config,
+)
 from tests.support.procs import Proc, Processes, script
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -103,3 +112,66 @@ async def test_a_gateway_spreads_requests_over_twenty_executors(procs: Processes
     assert sum(served) == 400
     assert all(10 <= n <= 40 for n in served), served  # half to twice the fair 20
     stop_together(started)
+
+
+async def _post_many(base: str, count: int, concurrency: int) -> list[httpx.Response]:
+    """``count`` chat requests to the gateway, ``concurrency`` at a time."""
+    body = {"model": "mock-a", "messages": [{"role": "user", "content": "spread me"}]}
+    answers: list[httpx.Response] = []
+    async with httpx.AsyncClient(base_url=base, timeout=120) as http:
+        limiter = trio.CapacityLimiter(concurrency)
+
+        async def one() -> None:
+            async with limiter:
+                answers.append(await http.post("/chat/completions", json=body))
+
+        with trio.fail_after(240):
+            async with trio.open_nursery() as nursery:
+                for _ in range(count):
+                    nursery.start_soon(one)
+    return answers
+
+
+async def test_a_slow_executor_gets_less(procs: Processes) -> None:
+    """One executor behind a slow backend among four fast ones: it holds its requests
+    longer, so two random choices on outstanding requests send it fewer."""
+    _, fast = start_mock(procs, "mock-fast")
+    _, slow = start_mock(procs, "mock-slow", "--delay-ms", "400")
+    _, v = start_validator(procs)
+    boot = v.listen[0]
+    started = start_executors(procs, boot, fast, 4)
+    slow_proc, _, slow_state = start_executor(procs, "exec-slow", boot, slow, ["mock-a"])
+    for proc in started:
+        proc.wait_ready(timeout=120)
+    _, base = start_gateway(procs, boot)
+    answers = await _post_many(base, 250, 16)
+    assert [a.status_code for a in answers if a.status_code != 200] == []
+    served_fast = [usage_count(procs.root / f"exec-{i}" / "state") for i in range(4)]
+    served_slow = usage_count(slow_state)
+    assert sum(served_fast) + served_slow == 250
+    assert served_slow < 250 / 5 and served_slow < min(served_fast), (served_slow, served_fast)
+    stop_together([*started, slow_proc])
+
+
+async def test_lookups_that_time_out_under_load_never_404(procs: Processes) -> None:
+    """The validator freezes (SIGSTOP) while a busy executor turns requests away: lookups
+    time out under load, and the gateway answers from the executors it knew, or 503 with
+    Retry-After, never 404 (the bug: 118 of 552 requests got 404 with 64 streams)."""
+    _, url = start_mock(procs, "mock", "--delay-ms", "50")
+    validator, v = start_validator(procs)
+    boot = v.listen[0]
+    start_executor(
+        procs, "exec", boot, url, ["mock-a"], extra="[limits]\nmax_concurrent_requests = 4"
+    )
+    _, base = start_gateway(procs, boot)
+    assert [a.status_code for a in await _post_many(base, 1, 1)] == [200]
+    os.kill(validator.pid, signal.SIGSTOP)
+    try:
+        answers = await _post_many(base, 200, 32)
+    finally:
+        os.kill(validator.pid, signal.SIGCONT)
+    statuses = collections.Counter(a.status_code for a in answers)
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[200] >= 50, statuses  # the executor it knew kept serving
+    assert all(a.headers.get("retry-after") for a in answers if a.status_code == 503)
+    assert [a.status_code for a in await _post_many(base, 20, 4)] == [200] * 20

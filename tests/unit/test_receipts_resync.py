@@ -239,3 +239,15 @@ async def test_never_beyond_max_tokens_nor_for_an_empty_answer(tmp_path: Path) -
     answer = signer.answer(EXECUTOR.address, request, "", empty)
     assert isinstance(answer, llm.Refusal) and answer.reason == "the answer was empty"
     signer.ledger.close()
+
+
+async def test_a_resumed_request_is_signed_for_what_it_added(tmp_path: Path) -> None:
+    """Both sides bill a resumed answer as the text it added to the delivered part, so the
+    receipt of the executor that continued is signed."""
+    net = Net(tmp_path, Replies(["one two three four"]))
+    resumed = llm.Request(chat("count").kind, chat("count").body, resume="one two ")
+    end = await net.ask(resumed)
+    assert net.statuses() == ["signed"]
+    added = billing.count("one two three four ") - billing.count("one two ")
+    assert end.usage.completion_tokens == added
+    net.close()
