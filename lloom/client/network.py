@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 #: Most models ``/v1/models`` looks up in the DHT at once.
 MAX_LISTED_MODELS = 64
+#: Seconds an executor that refused a request as busy is not drawn for new requests.
+BUSY_SECS = 1.0
 
 
 class NetworkClient:
@@ -65,6 +67,8 @@ class NetworkClient:
         self._failures: dict[str, LloomError] = {}
         #: Requests running per executor (the first one tried), for spreading.
         self._outstanding: collections.Counter[ID] = collections.Counter()
+        #: When executors last refused a request as busy (not drawn for ``BUSY_SECS``).
+        self._busy: dict[ID, float] = {}
         #: Where streamed requests run (set by whoever serves the gateway).
         self.nursery: trio.Nursery | None = None
 
@@ -136,6 +140,12 @@ class NetworkClient:
         if cached is not None:
             self._found[model] = (0.0, cached[1], cached[2])
 
+    def _note_busy(self, peer: ID) -> None:
+        self._busy[peer] = trio.current_time()
+        if len(self._busy) > 4 * MAX_LISTED_MODELS * 20:  # bounded: drop the stale ones
+            cutoff = trio.current_time() - BUSY_SECS
+            self._busy = {p: t for p, t in self._busy.items() if t > cutoff}
+
     async def _fresh(self, model: str) -> list[PeerInfo]:
         """Executors of ``model`` from a new lookup (for a request whose candidates all
         failed): none when the lookup fails."""
@@ -153,7 +163,11 @@ class NetworkClient:
         seen = self.choice.seen(list(by_id))
         loads = self.loads.current()
 
+        now = trio.current_time()
+
         def usable(peer: ID) -> bool:
+            if now - self._busy.get(peer, -BUSY_SECS) < BUSY_SECS:
+                return False  # it just turned a request away
             mine = seen.get(peer)
             return mine is None or not (mine.bad and mine.unreliability >= UNRELIABLE)
 
@@ -180,6 +194,7 @@ class NetworkClient:
                 signer=self.signer,
                 book=self.choice.book,
                 more=partial(self._fresh, request.model),
+                on_busy=self._note_busy,
             )
         except Exception:
             self.forget(request.model)

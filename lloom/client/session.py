@@ -303,11 +303,14 @@ async def request_with_failover(
     signer: ReceiptSigner | None = None,
     book: ExecutorBook | None = None,
     more: MoreExecutors | None = None,
+    on_busy: Callable[[ID], None] | None = None,
 ) -> Result:
     """Try ``candidates`` in order until one answers (see the module docstring); what each
-    one did goes into ``book``. When the candidates run out, ``more`` (a fresh lookup) is
-    asked once for executors not tried yet."""
+    one did goes into ``book``, and ``on_busy`` hears of each executor that refused as
+    busy. When the candidates run out, ``more`` (a fresh lookup) is asked once for
+    executors not tried yet."""
     attempt = _Attempts(request, on_chunk, book)
+    attempt.on_busy = on_busy
     deadline = trio.current_time() + total_timeout if total_timeout else float("inf")
     queue, tried, asked_more = list(candidates), set(), more is None
     try:
@@ -360,6 +363,7 @@ class _Attempts:
         self.earlier: list[llm.Usage] = []
         self.replay: Replay | None = None
         self.first_at: float | None = None
+        self.on_busy: Callable[[ID], None] | None = None
 
     async def forward(self, chunk: dict[str, Any]) -> None:
         """Pass one chunk on (after the replay check of a resumed attempt)."""
@@ -408,6 +412,8 @@ class _Attempts:
         except (RemoteError, NetworkError, ProtocolError) as exc:
             if self.book is not None and _misbehaved(exc):
                 self.book.failed(peer)
+            if isinstance(exc, RemoteError) and exc.code == "busy" and self.on_busy is not None:
+                self.on_busy(info.peer_id)
             self._failed(peer, exc, before)
             raise _TryNext from None
         if self.book is not None:

@@ -4,9 +4,10 @@ Ranking alone sends every request to the same best executor. A long-running clie
 gateway) therefore picks each request's first executor by **two random choices**: two
 executors drawn at random among the usable ones, the one with fewer requests outstanding
 from this client wins (announced load breaks ties, then rank). Equal executors share the
-load evenly; a slow one keeps requests longer, so it is chosen less; one that refuses as
-``busy`` fails over at once and frees its count. The rest of the ranked list follows, for
-failover. Executors this client saw mostly failing are not drawn.
+load evenly; a slow one keeps requests longer, so it is chosen less. The rest of the ranked
+list follows, for failover. Executors this client saw mostly failing, and (in
+:class:`~lloom.client.network.NetworkClient`) those that refused a request as ``busy`` in the
+last second, are not drawn.
 """
 
 from __future__ import annotations

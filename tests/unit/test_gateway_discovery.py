@@ -85,3 +85,14 @@ async def test_a_failed_lookup_is_a_503_never_a_404_and_keeps_what_was_known(
         with pytest.raises(NoExecutorError):
             await g.executors("m")
         nursery.cancel_scope.cancel()
+
+
+async def test_an_executor_that_refused_as_busy_is_not_drawn_for_a_second() -> None:
+    peers = [PeerInfo(Identity.generate().peer_id, []) for _ in range(3)]
+    g = NetworkClient(cast(Node, None), None)
+    busy = peers[0].peer_id
+    g._note_busy(busy)
+    firsts = {g._spread(peers)[0].peer_id for _ in range(200)}
+    assert busy not in firsts and firsts
+    await trio.sleep(core.BUSY_SECS + 0.05)
+    assert busy in {g._spread(peers)[0].peer_id for _ in range(200)}
