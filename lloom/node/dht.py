@@ -45,6 +45,7 @@ from multiaddr import Multiaddr
 
 from lloom.dhtkeys import cid_string
 from lloom.errors import DiscoveryFailed
+from lloom.node.lookup import ask_providers
 from lloom.node.providers import ProviderPolicy
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def forget_peer(dht: KadDHT, peer_id: ID) -> int:
 
     Returns how many provider records were removed.
     """
-    dht.routing_table.remove_peer(peer_id)
+    RoutingTable.remove_peer(dht.routing_table, peer_id)  # past any gate in front of it
     store = dht.provider_store
     key_str = str(peer_id)
     removed = 0
@@ -146,6 +147,22 @@ class ServerOnlyRoutingTable:
         self._pending: set[ID] = set()
         self._add_peer = table.add_peer
         table.add_peer = self.add_peer  # type: ignore[method-assign]
+        self._remove_peer = table.remove_peer
+        table.remove_peer = self.remove_peer  # type: ignore[method-assign]
+
+    def remove_peer(self, peer_id: ID) -> bool:
+        """Remove ``peer_id``, unless it is a bootstrap validator still connected.
+
+        py-libp2p drops a peer from the routing table after one failed stream (a busy
+        validator resets streams beyond its limit): a client or executor then had no DHT
+        server until its next bootstrap round, 10 s later — lookups failed and
+        announcements went unconfirmed. A validator leaves the table when its connection
+        closes (:class:`PeerJanitor`).
+        """
+        if peer_id in self.trusted and self.host.get_network().get_connections(peer_id):
+            logger.debug("kept validator %s in the routing table after a failed query", peer_id)
+            return False
+        return bool(self._remove_peer(peer_id))
 
     async def add_peer(
         self, peer_obj: PeerInfo | ID, *, skip_server_mode_check: bool = False
@@ -247,9 +264,35 @@ class Dht:
         found: list[PeerInfo] = []
         with trio.move_on_after(timeout) as scope:
             found = await self.kad.find_providers(text, count)
+            if not found:
+                found = await self._confirm_none(mh)
         if scope.cancelled_caught and not found:
             raise DiscoveryFailed(f"the DHT lookup did not complete within {timeout:g} s")
         return dedupe_providers(found, exclude=self.host.get_id())
+
+    async def _confirm_none(self, multihash: bytes) -> list[PeerInfo]:
+        """After an empty lookup, ask every DHT server known directly: their providers, or
+        ``[]`` when one of them answered that it has none; :class:`DiscoveryFailed` when
+        none answered (py-libp2p's lookup returns ``[]`` then too, see
+        :mod:`lloom.node.lookup`)."""
+        network = self.host.get_network()
+        servers = list(
+            set(self.kad.routing_table.get_peer_ids())
+            | {p for p in self.gate.trusted if network.get_connections(p)}
+        )
+        answers: list[list[PeerInfo]] = []
+
+        async def ask(peer: ID) -> None:
+            answer = await ask_providers(self.host, peer, multihash)
+            if answer is not None:
+                answers.append(answer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in servers:
+                nursery.start_soon(ask, peer)
+        if not answers:
+            raise DiscoveryFailed(f"no DHT server answered the lookup (asked {len(servers)})")
+        return [info for answer in answers for info in answer]
 
     def forget(self, peer_id: ID) -> int:
         """Forget a peer now (routing table and provider records)."""

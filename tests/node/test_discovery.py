@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from lloom.dhtkeys import model_key
+from lloom.dhtkeys import cid_string, model_key
 from lloom.errors import DiscoveryFailed
 from lloom.identity import Identity
 from lloom.node.node import NodeConfig, open_node
@@ -34,3 +34,24 @@ async def test_a_lookup_that_times_out_is_a_failed_lookup(
         monkeypatch.setattr(client.dht.kad, "find_providers", stuck)
         with pytest.raises(DiscoveryFailed, match="did not complete"):
             await client.dht.find_providers(model_key("m"), timeout=0.2)
+
+
+async def test_a_lookup_nobody_answered_is_a_failed_lookup_not_an_empty_one() -> None:
+    """A validator whose DHT handler turns every stream away (as a full one does: py-libp2p
+    resets streams beyond its inbound limit): py-libp2p's lookup returns [] then, which
+    would read as "no executor"; lloom asks again and says the lookup failed."""
+    async with network(2) as (validator, (executor, client)):
+        assert await executor.dht.provide(model_key("m"))
+        assert len(await client.dht.find_providers(model_key("m"))) == 1
+        full = trio.CapacityLimiter(1)
+        await full.acquire_on_behalf_of("busy")
+        validator.dht.kad._inbound_limiter = full
+        client.dht.kad.provider_store.providers.clear()  # py-libp2p's local cache
+        assert await client.dht.kad.find_providers(cid_string(model_key("m"))) == []  # the defect
+        with pytest.raises(DiscoveryFailed, match="no DHT server answered"):
+            await client.dht.find_providers(model_key("m"))
+        # py-libp2p dropped the validator from the routing table after the failed stream;
+        # a connected validator stays, so the next lookup needs no new bootstrap round.
+        assert validator.peer_id in client.dht.kad.routing_table.get_peer_ids()
+        full.release_on_behalf_of("busy")
+        assert len(await client.dht.find_providers(model_key("m"))) == 1
