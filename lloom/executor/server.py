@@ -97,11 +97,18 @@ async def keep_announcing(
     """Re-provide the DHT keys and publish load until cancelled."""
 
     async def reprovide() -> None:
+        keys = 1 + len(handler.models)
         while True:
             await trio.sleep(reprovide_interval)
             await node.bootstrap()
             done = await announce_keys(node, handler.models, attempts=1)
-            logger.debug("re-provided %d keys", done)
+            if done < keys:
+                # A connection can look alive here and be gone at the validator, which
+                # then forgot this executor's records: lookups missed it until restart.
+                logger.info("re-announcing over fresh connections to the validators")
+                await node.reconnect_bootstrap()
+                done = await announce_keys(node, handler.models, attempts=3)
+            logger.debug("re-provided %d of %d keys", done, keys)
 
     async def publish_load() -> None:
         if node.pubsub is None:

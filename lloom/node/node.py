@@ -121,6 +121,18 @@ class Node:
             connected += 1
         return connected
 
+    async def reconnect_bootstrap(self) -> int:
+        """Close the connections to the bootstrap peers and dial them again; return how
+        many are connected."""
+        network = self.host.get_network()
+        for info in self._bootstrap_infos:
+            if network.get_connections(info.peer_id):
+                try:
+                    await network.close_peer(info.peer_id)
+                except Exception as exc:  # closing a broken connection may fail; dial anyway
+                    logger.debug("closing the connection to %s failed: %s", info.peer_id, exc)
+        return await self.bootstrap()
+
     async def _maintain_bootstrap(self) -> None:
         while True:
             await trio.sleep(self.config.bootstrap_interval)

@@ -55,3 +55,12 @@ async def test_a_lookup_nobody_answered_is_a_failed_lookup_not_an_empty_one() ->
         assert validator.peer_id in client.dht.kad.routing_table.get_peer_ids()
         full.release_on_behalf_of("busy")
         assert len(await client.dht.find_providers(model_key("m"))) == 1
+
+
+async def test_reconnecting_to_the_validators_keeps_the_node_in_the_dht() -> None:
+    async with network(1) as (validator, (executor,)):
+        assert await executor.dht.provide(model_key("m"))
+        assert await executor.reconnect_bootstrap() == 1
+        assert executor.host.get_network().get_connections(validator.peer_id)
+        assert validator.peer_id in executor.dht.kad.routing_table.get_peer_ids()
+        assert await executor.dht.provide(model_key("m"))  # the records come back
