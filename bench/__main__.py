@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import accounting, devnet, node, request_path
+from bench import accounting, devnet, node, request_path, scale
 
 
 def main() -> None:
@@ -14,6 +14,7 @@ def main() -> None:
         "request_path": request_path.main,
         "accounting": accounting.main,
         "devnet": devnet.main,
+        "scale": scale.main,
     }
     for name in sys.argv[1:] or list(suites):
         suites[name]()

@@ -172,6 +172,17 @@ def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | No
     return leaves[0] if len(leaves) == 1 else None
 
 
+async def stop_auto_connector(host: IHost) -> None:
+    """Stop py-libp2p's AutoConnector. A host with fewer than 50 connections dials up to 32
+    peers of its peerstore every 10 s: executors and clients, whose peerstores hold the
+    providers their lookups returned, connected to each other (33 connections each with 40
+    executors; clients to every executor). lloom dials whom it needs: validators, and the
+    executors a request goes to."""
+    connector = getattr(host.get_network(), "auto_connector", None)
+    if connector is not None:
+        await connector.stop()
+
+
 @asynccontextmanager
 async def open_node(identity: Identity, config: NodeConfig) -> AsyncIterator[Node]:
     """Start a node, bootstrap it, keep it bootstrapped; stop everything on exit.
@@ -192,10 +203,11 @@ async def open_node(identity: Identity, config: NodeConfig) -> AsyncIterator[Nod
 @asynccontextmanager
 async def _open_node(identity: Identity, config: NodeConfig) -> AsyncIterator[Node]:
     apply_all()
-    host = build_host(identity, config.listen, config.announce or None)
+    host = build_host(identity, config.listen, config.announce or None, server=config.dht_server)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(host.run(config.listen))
         stack.push_async_callback(_close_host, host)
+        await stop_auto_connector(host)
         node = Node(identity, config, host)
         await stack.enter_async_context(background_trio_service(node.dht.kad))
         if config.pubsub:

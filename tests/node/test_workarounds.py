@@ -14,15 +14,16 @@ from libp2p.kad_dht.utils import maybe_consume_signed_record as original_consume
 from libp2p.peer.envelope import seal_record
 from libp2p.peer.id import ID
 from libp2p.peer.peer_record import PeerRecord
-from libp2p.peer.peerinfo import PeerInfo
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.peer.peerstore import PeerStore
 from multiaddr import Multiaddr
 
-from lloom.dhtkeys import cid_key, executor_role_key
+from lloom.dhtkeys import cid_key, executor_role_key, model_key
 from lloom.identity import Identity
 from lloom.logs import NOISY_LIBP2P_LOGGERS, configure_logging
 from lloom.node.dht import dedupe_providers, forget_peer
 from lloom.node.host import build_host
+from lloom.node.node import NodeConfig, open_node
 from lloom.node.patches import tolerant_consume_signed_record
 from tests.node.conftest import network
 
@@ -170,3 +171,53 @@ async def test_many_lookups_at_once_are_all_answered() -> None:
                 for _ in range(32):
                     nursery.start_soon(look)
         assert sizes == [1] * 64
+
+
+async def test_a_node_survives_its_thousand_and_first_peer() -> None:
+    """py-libp2p's peerstore kept 1,000 peers and evicted the node's own entry first: the
+    next identify raised PeerStoreError out of the host and the node stopped."""
+    async with network(1) as (validator, (client,)):
+        store = validator.host.get_peerstore()
+        for i in range(1_001):
+            other = Identity.generate().peer_id
+            store.add_addrs(other, [Multiaddr(f"/ip4/127.0.0.1/tcp/{20_000 + i}")], 3600)
+        assert store.pubkey(validator.peer_id) is not None  # its own key is still there
+        async with open_node(Identity.generate(), NodeConfig()) as late:
+            await late.connect(info_from_p2p_addr(Multiaddr(validator.listen_multiaddrs()[0])))
+            await late.ping(validator.peer_id)
+        assert await client.dht.find_providers(model_key("m")) == []  # still serving
+
+
+async def test_validators_accept_thousands_of_connections_others_the_defaults() -> None:
+    """py-libp2p admits 250 inbound connections (the 251st is closed before its handshake)
+    and its resource manager 256; bench/scale.py runs 1,000 executors on 3 validators."""
+    async with network(1) as (validator, (client,)):
+        config = validator.host.get_network().connection_config  # type: ignore[attr-defined]
+        assert config.max_connections - config.min_connections >= 10_000 - 50
+        assert config.high_watermark >= 10_000
+        manager = validator.host.get_network()._resource_manager  # type: ignore[attr-defined]
+        assert manager.connection_limits.max_established_inbound >= 10_000
+        assert manager.limits.max_connections >= 10_000
+        assert client.host.get_network().connection_config.max_connections == 300  # type: ignore[attr-defined]
+
+
+async def test_nodes_do_not_dial_every_peer_they_heard_of() -> None:
+    """py-libp2p's AutoConnector dialled up to 32 peers of the peerstore every 10 s: clients
+    connected to every executor their lookups returned, executors to each other."""
+    async with network(2) as (_validator, (a, b)):
+        connector = a.host.get_network().auto_connector  # type: ignore[attr-defined]
+        assert not connector._started
+        a.host.get_peerstore().add_addrs(b.peer_id, [Multiaddr(b.listen_multiaddrs()[0])], 3600)
+        await connector.maybe_connect()
+        assert not a.host.get_network().get_connections(b.peer_id)
+
+
+def test_lookups_start_from_the_routing_table_only() -> None:
+    """With fewer than 5 routing-table peers py-libp2p seeded lookups with every peer it
+    knew (executors included) and could leave the validators out: empty lookups."""
+    import libp2p.kad_dht.peer_routing as peer_routing
+
+    from lloom.node.patches import apply_all
+
+    apply_all()
+    assert peer_routing.MIN_PEERS_THRESHOLD == 0
