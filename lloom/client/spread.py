@@ -1,13 +1,14 @@
 """Spreading concurrent requests over the executors a client found (pure code).
 
-Ranking alone sends every request to the same best executor. A long-running client (the
-gateway) therefore picks each request's first executor by **two random choices**: two
-executors drawn at random among the usable ones, the one with fewer requests outstanding
-from this client wins (announced load breaks ties, then rank). Equal executors share the
-load evenly; a slow one keeps requests longer, so it is chosen less. The rest of the ranked
-list follows, for failover. Executors this client saw mostly failing, and (in
-:class:`~lloom.client.network.NetworkClient`) those that refused a request as ``busy`` in the
-last second, are not drawn.
+Ranking alone sends every request to the same best executor. The client library therefore
+picks each request's first executor by **two random choices**: two executors drawn at
+random among the usable ones, the one with fewer requests outstanding from this client wins
+(announced load breaks ties, then chance: ties broken by rank sent the last-ranked executor
+nothing when requests ended before the next began). Equal executors share the load evenly;
+a slow one keeps requests longer, so it is chosen less. The rest of the ranked list
+follows, for failover. Executors this client saw mostly failing, and (in
+:class:`~lloom.client.network.NetworkClient`) those that refused a request as ``busy`` in
+the last second, are not drawn.
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ def spread(
     if len(pool) < 2:
         return list(ranked)
     chooser = rng or random
-    a, b = chooser.sample(pool, 2)
-    position = {k: i for i, k in enumerate(ranked)}
+    a, b = chooser.sample(pool, 2)  # in random order: min keeps the first of equals
 
-    def key(k: K) -> tuple[int, float, int]:
-        return (outstanding.get(k, 0), load(k), position[k])
+    def key(k: K) -> tuple[int, float]:
+        return (outstanding.get(k, 0), load(k))
 
     first = min(a, b, key=key)
     return [first, *(k for k in ranked if k != first)]

@@ -36,6 +36,15 @@ def test_equal_executors_each_get_between_half_and_twice_their_share() -> None:
     assert all(10 <= n <= 40 for n in served.values()), served
 
 
+def test_ties_are_broken_by_chance_not_by_rank() -> None:
+    """Requests that end before the next starts leave every executor at 0 outstanding: ties
+    broken by rank sent the last-ranked executor nothing (a fast backend behind a gateway
+    gave 9 to one executor and 30 to another of 20 in tests/e2e/test_scale.py)."""
+    served = simulate({f"e{i:02}": 1 for i in range(20)}, 400, 1)
+    assert len(served) == 20
+    assert all(10 <= n <= 40 for n in served.values()), served
+
+
 def test_a_slow_executor_gets_less() -> None:
     speeds = {f"e{i:02}": 10 for i in range(9)} | {"slow": 100}
     served = simulate(speeds, 400, 16)
