@@ -65,15 +65,10 @@ from typing import Any
 
 import libp2p.kad_dht.peer_routing as peer_routing
 import trio
-from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.peer.peerstore import PeerStore
-from libp2p.rcmgr import ResourceLimits, new_resource_manager
-from libp2p.rcmgr.connection_limits import ConnectionLimits
 from multiaddr import Multiaddr
 
-import lloom.node.host as host_module
 from bench import procs
 from bench.report import write_section
 from lloom.client.spread import spread
@@ -81,6 +76,7 @@ from lloom.dhtkeys import model_key
 from lloom.errors import DiscoveryFailed
 from lloom.identity import Identity
 from lloom.logs import configure_logging
+from lloom.node.host import SERVER_MAX_CONNECTIONS
 from lloom.node.node import Node, NodeConfig, open_node
 from lloom.validator import cli as validator_cli
 
@@ -100,8 +96,8 @@ START_CONCURRENCY = 4
 START_DEADLINE = 360.0
 #: Seconds the validators are left alone with every executor connected (idle CPU).
 IDLE_SECS = 10.0
-#: Connections the bench's validators accept (py-libp2p's default: 300, 250 inbound).
-VALIDATOR_MAX_CONNECTIONS = 10_000
+#: Connections lloom's validators accept (py-libp2p's default: 300, 250 inbound).
+VALIDATOR_MAX_CONNECTIONS = SERVER_MAX_CONNECTIONS
 #: py-libp2p's ``MIN_PEERS_THRESHOLD`` (``kad_dht/peer_routing.py``).
 STOCK_MIN_PEERS_THRESHOLD = 5
 #: The checks without workarounds: clients per worker and their lookups each,
@@ -364,36 +360,10 @@ def worker_main(argv: list[str]) -> None:
 
 
 def validator_main(argv: list[str]) -> None:
-    """``python -m bench.scale validator ARGS``: ``lloom-validator ARGS`` with py-libp2p's
-    connection limits raised (see the module's workarounds)."""
+    """``python -m bench.scale validator ARGS``: ``lloom-validator ARGS`` with the open-files
+    limit raised (lloom's validators accept ``SERVER_MAX_CONNECTIONS`` connections and keep
+    ``MAX_PEERS`` peers themselves since this bench found py-libp2p's caps)."""
     raise_nofile()
-    original = vars(host_module)["new_host"]  # lloom.node.host imported it from libp2p
-
-    def new_host(*args: Any, **kwargs: Any) -> Any:
-        most = VALIDATOR_MAX_CONNECTIONS
-        kwargs.setdefault(
-            "connection_config", ConnectionConfig(max_connections=most, high_watermark=most)
-        )
-        kwargs.setdefault("peerstore_opt", PeerStore(max_records=10 * most, max_peers=10 * most))
-        kwargs.setdefault(
-            "resource_manager",
-            new_resource_manager(
-                limits=ResourceLimits(
-                    max_connections=most, max_memory_mb=4096, max_streams=10 * most
-                ),
-                connection_limits=ConnectionLimits(
-                    max_pending_inbound=64,
-                    max_pending_outbound=64,
-                    max_established_inbound=most,
-                    max_established_outbound=most,
-                    max_established_per_peer=8,
-                    max_established_total=most,
-                ),
-            ),
-        )
-        return original(*args, **kwargs)
-
-    vars(host_module)["new_host"] = new_host
     raise SystemExit(validator_cli.main(argv))
 
 
