@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, cast
 
 import pytest
@@ -30,15 +31,25 @@ async def test_unconfirmed_reprovide_reconnects_then_announces_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[int] = []
+    third = trio.Event()
 
     async def announce(node: Any, models: list[str], attempts: int = 4) -> int:
         calls.append(attempts)
+        if len(calls) >= 3:
+            third.set()
         return 1 if len(calls) == 1 else 2  # the first round misses the model key
 
     monkeypatch.setattr(server, "announce_keys", announce)
     node = FakeNode()
     handler = cast(RequestHandler, type("H", (), {"models": ["m"]})())
-    with trio.move_on_after(0.25):
-        await server.keep_announcing(cast(Node, node), handler, reprovide_interval=0.1)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(server.keep_announcing, reprovide_interval=0.01),
+                cast(Node, node),
+                handler,
+            )
+            await third.wait()  # a readiness signal, not a time window
+            nursery.cancel_scope.cancel()
     assert node.reconnects == 1
     assert calls[:3] == [1, 3, 1]  # after the fresh connections, a confirmed round
