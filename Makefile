@@ -19,12 +19,19 @@ help:
 	@echo "make bench  - run the benchmarks and write docs/benchmarks.md"
 	@echo "make install- create .venv and install pinned dependencies"
 
-# System packages: fastecdsa (a py-libp2p dependency) compiles against GMP.
+# System packages, each installed only when missing: fastecdsa (a py-libp2p dependency)
+# compiles against GMP; the multi-host tests (tests/netns) build network namespaces with
+# ip (iproute2) and NAT routers with nft (nftables), and ping across them (iputils-ping).
 sysdeps:
-	@if ! dpkg -s libgmp-dev >/dev/null 2>&1; then \
-	  echo "installing libgmp-dev (apt)"; \
+	@missing=""; \
+	dpkg -s libgmp-dev >/dev/null 2>&1 || missing="$$missing libgmp-dev"; \
+	dpkg -s nftables >/dev/null 2>&1 || missing="$$missing nftables"; \
+	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	command -v ping >/dev/null 2>&1 || missing="$$missing iputils-ping"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libgmp-dev; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
 $(STAMP): pyproject.toml requirements.lock | sysdeps

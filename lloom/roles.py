@@ -1,29 +1,49 @@
-"""What every long-running role does around its node: ready line, signals, shutdown."""
+"""What every long-running role does around its node: errors and exit codes, ready line,
+signals, shutdown. A role's ``main`` is ``run_role(role, verbose, prepare)``: ``prepare``
+parses and loads everything (key, config) and returns the coroutine function to run."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 import trio
 
+from lloom.cli.common import EXIT_FAILURE, EXIT_OK, report_error
+from lloom.errors import LloomError
+from lloom.logs import configure_logging
 from lloom.node.node import Node
 from lloom.readyline import ReadyLine
 
 logger = logging.getLogger(__name__)
 
 
+def run_role(role: str, verbose: int, prepare: Callable[[], Callable[[], Awaitable[None]]]) -> int:
+    """Configure logging, ``prepare`` the role and run it under trio; return the exit code
+    (a :class:`LloomError` is one line on stderr with its own exit code)."""
+    configure_logging(verbose)
+    try:
+        trio.run(prepare())
+    except LloomError as exc:
+        return report_error(exc)
+    except OSError as exc:
+        logger.error("cannot run the %s: %s", role, exc)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def ready_line(node: Node, role: str, extra: tuple[tuple[str, str], ...] = ()) -> ReadyLine:
-    """The ready line of ``node``."""
+    """The ready line of ``node`` (with ``path=direct|relayed`` once it is known)."""
+    path = (("path", node.path),) if node.path else ()
     return ReadyLine(
         role=role,
         peer_id=str(node.peer_id),
         address=node.identity.address,
         listen=tuple(node.listen_multiaddrs()),
-        extra=extra,
+        extra=path + extra,
     )
 
 

@@ -24,6 +24,7 @@ from lloom.cli.common import (
     identity_from_args,
     run_main,
 )
+from lloom.cli.node_args import add_node_args, settings_from_args
 from lloom.client.network import NetworkClient
 from lloom.client.observed import EXECUTOR_BOOK, ExecutorBook
 from lloom.client.options import (
@@ -42,8 +43,7 @@ from lloom.errors import (
 )
 from lloom.identity import Identity
 from lloom.logs import configure_logging
-from lloom.node.node import NodeConfig, open_node, parse_multiaddr_list
-from lloom.paths import default_data_dir
+from lloom.node.node import open_node
 from lloom.protocol import llm, openai_body
 
 logger = logging.getLogger("lloom.client")
@@ -69,12 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_identity_args(parser)
     add_chain_args(parser)
     add_choice_args(parser)
-    parser.add_argument(
-        "--bootstrap-nodes",
-        required=True,
-        metavar="MULTIADDR,...",
-        help="validators to ask, each ending in /p2p/<PeerId>",
-    )
+    add_node_args(parser, "client")
     parser.add_argument("--model", required=True, help="network model id")
     parser.add_argument("--prompt", required=True, help="the user message")
     parser.add_argument("--system", help="a system message sent before the prompt")
@@ -117,7 +112,8 @@ def request_from_args(args: argparse.Namespace) -> llm.Request:
 
 async def ask(identity: Identity, args: argparse.Namespace, request: llm.Request) -> Result:
     """Discover, order, send with failover; stream text to stdout unless ``--json``."""
-    config = NodeConfig(bootstrap=parse_multiaddr_list(args.bootstrap_nodes, need_peer_id=True))
+    settings = settings_from_args(args, "client")
+    config = settings.node_config()
     printing = not args.json
     texts: list[str] = []
 
@@ -132,10 +128,10 @@ async def ask(identity: Identity, args: argparse.Namespace, request: llm.Request
 
     with trio.fail_after(args.timeout):
         async with open_node(identity, config) as node:
-            if not node.host.get_connected_peers():
+            if config.bootstrap and not node.host.get_connected_peers():
                 raise NetworkError("no bootstrap node reachable")
-            book = ExecutorBook(default_data_dir() / EXECUTOR_BOOK)
-            ledger = Ledger(default_data_dir() / "client-ledger.sqlite3")
+            book = ExecutorBook(settings.data_dir / EXECUTOR_BOOK)
+            ledger = Ledger(settings.data_dir / "client-ledger.sqlite3")
             signer = ReceiptSigner(identity, ledger, domain_from_args(args))
             client = NetworkClient(
                 node, signer, timeout=args.timeout, choice=choice_from_args(args, book)
@@ -165,6 +161,7 @@ async def ask(identity: Identity, args: argparse.Namespace, request: llm.Request
                     "text": text,
                     "model": result.end.model,
                     "executor": str(result.executor),
+                    "path": result.path,
                     "request_id": result.end.request_id,
                     "usage": result.billed.to_json(),
                     "resumes": result.resumes,

@@ -26,18 +26,30 @@ async def find_executors(node: Node, model: str, timeout: float = 10.0) -> list[
     return found
 
 
-async def measure(node: Node, candidates: list[PeerInfo], timeout: float = 2.0) -> dict[ID, float]:
-    """Dial and ping every candidate concurrently; RTT in ms of those that answered."""
+async def measure(
+    node: Node,
+    candidates: list[PeerInfo],
+    timeout: float = 2.0,
+    failures: dict[ID, str] | None = None,
+) -> dict[ID, float]:
+    """Dial and ping every candidate concurrently; RTT in ms of those that answered (why
+    the others did not goes into ``failures`` when given)."""
     rtts: dict[ID, float] = {}
+    why = failures if failures is not None else {}
 
     async def one(info: PeerInfo) -> None:
         try:
             with trio.fail_after(timeout):
                 await node.connect(info, timeout=timeout)
                 rtts[info.peer_id] = await node.ping(info.peer_id, timeout=timeout) * 1000
-        except (DialError, NetworkError, trio.TooSlowError, OSError) as exc:
+        except trio.TooSlowError:
+            why[info.peer_id] = f"no answer within {timeout:g} s"
+            logger.info("executor %s did not answer within %g s", info.peer_id, timeout)
+        except (DialError, NetworkError, OSError) as exc:
+            why[info.peer_id] = str(exc)
             logger.info("executor %s unreachable: %s", info.peer_id, exc)
         except Exception as exc:  # ping failures surface as assorted py-libp2p errors
+            why[info.peer_id] = f"no ping answer: {exc}"
             logger.info("executor %s did not answer a ping: %s", info.peer_id, exc)
 
     async with trio.open_nursery() as nursery:

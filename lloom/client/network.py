@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -29,8 +30,9 @@ from lloom.client.ranking import UNRELIABLE, rank
 from lloom.client.receipts import ReceiptSigner
 from lloom.client.session import Result, StreamPool, request_with_failover
 from lloom.client.spread import spread
-from lloom.errors import LloomError, NoExecutorError
+from lloom.errors import AllExecutorsFailed, LloomError, NoExecutorError
 from lloom.node.node import Node
+from lloom.node.relay import is_circuit
 from lloom.protocol import llm
 
 ChunkCallback = Callable[[dict[str, Any]], Awaitable[None]]
@@ -38,8 +40,25 @@ logger = logging.getLogger(__name__)
 
 #: Most models ``/v1/models`` looks up in the DHT at once.
 MAX_LISTED_MODELS = 64
+#: Announced load a relayed executor is considered to carry on top of its own when two
+#: drawn executors are compared: with as many of this client's requests outstanding, a
+#: direct one wins unless it is more than half busier.
+RELAYED_LOAD = 0.5
 #: Seconds an executor that refused a request as busy is not drawn for new requests.
 BUSY_SECS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A model's executors as this client found them."""
+
+    executors: int
+    #: How many of them it reaches only through a validator's relay.
+    relayed: int
+
+    def to_json(self) -> dict[str, int]:
+        """``{"direct": …, "relayed": …}``."""
+        return {"direct": self.executors - self.relayed, "relayed": self.relayed}
 
 
 class NetworkClient:
@@ -93,7 +112,18 @@ class NetworkClient:
         _, found, rtts = cached
         by_id = {info.peer_id: info for info in found}
         seen = self.choice.seen(list(by_id))
-        return [by_id[p] for p in rank(list(by_id), rtts, self.loads.current(), seen)]
+        relayed = {info.peer_id for info in found if self.path_of(info) == "relayed"}
+        order = rank(list(by_id), rtts, self.loads.current(), seen, relayed)
+        return [by_id[p] for p in order]
+
+    def path_of(self, info: PeerInfo) -> str:
+        """How requests reach executor ``info``: "direct" or "relayed" (the connection
+        in use when connected, else the addresses it advertises)."""
+        path = self.node.path_to(info.peer_id)
+        if path is not None:
+            return path
+        relayed_only = bool(info.addrs) and all(is_circuit(a) for a in info.addrs)
+        return "relayed" if relayed_only else "direct"
 
     async def _lookup(self, model: str) -> tuple[float, list[PeerInfo], dict[Any, float]]:
         """One lookup of ``model`` at a time: callers that come while it runs wait for it
@@ -111,7 +141,12 @@ class NetworkClient:
             found = self.choice.permitted(await find_executors(self.node, model))
             if not found:
                 raise NoExecutorError(f"no executor this client may use serves {model!r}")
-            rtts = await measure(self.node, found) if len(found) > 1 else {}
+            failures: dict[ID, str] = {}
+            rtts = await measure(self.node, found, failures=failures)
+            if not rtts:
+                # Found, but nobody answered: say so now rather than after a dial timeout
+                # per executor on every request.
+                raise AllExecutorsFailed([(str(p), why) for p, why in failures.items()])
             cached = (time.monotonic(), found, rtts)
             self._found[model] = cached
             return cached
@@ -173,7 +208,8 @@ class NetworkClient:
 
         def load(peer: ID) -> float:
             announced = loads.get(peer)
-            return announced.load if announced is not None else 0.0
+            extra = RELAYED_LOAD if self.path_of(by_id[peer]) == "relayed" else 0.0
+            return (announced.load if announced is not None else 0.0) + extra
 
         order = spread(list(by_id), self._outstanding, usable=usable, load=load)
         return [by_id[peer] for peer in order]
@@ -204,20 +240,22 @@ class NetworkClient:
             if not self._outstanding[first]:
                 del self._outstanding[first]
 
-    async def models(self, limit: int = MAX_LISTED_MODELS) -> dict[str, int]:
+    async def models(self, limit: int = MAX_LISTED_MODELS) -> dict[str, Listing]:
         """Models announced on the network that have a provider in the DHT this gateway
-        may use, with how many executors it found for each.
+        may use, with the executors it found for each and how it reaches them.
 
         Announcements alone are any gossip peer's word; a model is listed only once a DHT
         lookup (cached like requests' lookups) found an executor for it. At most ``limit``
         models are looked up, the most announced first.
         """
         announced = sorted(self.loads.models().items(), key=lambda kv: (-kv[1], kv[0]))
-        listed: dict[str, int] = {}
+        listed: dict[str, Listing] = {}
 
         async def one(model: str) -> None:
             with contextlib.suppress(LloomError):
-                listed[model] = len(await self.executors(model))
+                found = await self.executors(model)
+                relayed = sum(1 for info in found if self.path_of(info) == "relayed")
+                listed[model] = Listing(len(found), relayed)
 
         async with trio.open_nursery() as nursery:
             for model, _ in announced[:limit]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import trio
@@ -38,6 +39,7 @@ from lloom.errors import (
 from lloom.framing import DEFAULT_MAX_FRAME
 from lloom.identity import address_from_peer_id
 from lloom.node.node import Node
+from lloom.node.relay import is_circuit
 from lloom.node.streams import FramedStream
 from lloom.protocol import billing, llm
 from lloom.protocol.client_exchange import (
@@ -51,6 +53,11 @@ from lloom.protocol.client_exchange import (
 from lloom.protocol.resume import Delivered, Replay, ResumeMismatch
 
 logger = logging.getLogger(__name__)
+
+#: Seconds without a frame after which a client pings the executor it waits for.
+PROBE_SECS = 5.0
+#: Seconds that ping may take before the executor counts as gone.
+PROBE_TIMEOUT = 5.0
 
 ChunkCallback = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -71,6 +78,8 @@ class Result:
     earlier: tuple[llm.Usage, ...] = ()
     #: How many times the answer was continued on another executor.
     resumes: int = 0
+    #: How the answer came: "direct", or "relayed" through a validator.
+    path: str = "direct"
 
     @property
     def billed(self) -> llm.Usage:
@@ -83,6 +92,15 @@ class Result:
         return llm.Usage(prompt, completion)
 
 
+def stream_path(framed: FramedStream) -> str:
+    """ "relayed" when ``framed`` runs over a relayed connection, else "direct"."""
+    try:
+        addrs = framed.stream.muxed_conn.get_transport_addresses()
+    except Exception:  # a connection type without addresses: not a circuit
+        return "direct"
+    return "relayed" if any(is_circuit(a) for a in addrs) else "direct"
+
+
 async def _open(node: Node, info: PeerInfo, timeout: float) -> FramedStream:
     await node.connect(info)
     try:
@@ -92,7 +110,12 @@ async def _open(node: Node, info: PeerInfo, timeout: float) -> FramedStream:
         raise PeerTimeout(f"{info.peer_id} did not open a stream in time") from None
     except Exception as exc:  # py-libp2p raises assorted types for a refused protocol
         raise DialError(f"{info.peer_id} refused {llm.PROTOCOL_ID}: {exc}") from exc
-    return FramedStream(raw, max_frame=DEFAULT_MAX_FRAME, read_timeout=timeout)
+    framed = FramedStream(raw, max_frame=DEFAULT_MAX_FRAME, read_timeout=timeout)
+    # While an answer is awaited, a quiet executor is pinged: a cut connection fails
+    # over within PROBE_SECS + PROBE_TIMEOUT s rather than after the idle timeout.
+    framed.probe = partial(node.ping, info.peer_id, PROBE_TIMEOUT)
+    framed.probe_every = PROBE_SECS
+    return framed
 
 
 class StreamPool:
@@ -243,6 +266,8 @@ async def _run_on(
     reset otherwise."""
     try:
         result = await _exchange(framed, request, peer_id, on_chunk, signer)
+        if stream_path(framed) != result.path:
+            result = replace(result, path=stream_path(framed))
     except RemoteError:
         await _finish(framed, pool, peer_id)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,15 +19,9 @@ import httpx
 import trio
 
 from lloom import __version__
-from lloom.cli.common import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    add_identity_args,
-    identity_from_args,
-    report_error,
-    run_main,
-)
-from lloom.errors import LloomError, NetworkError
+from lloom.cli.common import add_identity_args, identity_from_args, run_main
+from lloom.cli.node_args import add_node_args, settings_from_args
+from lloom.errors import NetworkError
 from lloom.executor.backend import OpenAIBackend
 from lloom.executor.config import ExecutorConfig, load_config
 from lloom.executor.handler import Backend, RequestHandler
@@ -35,9 +30,8 @@ from lloom.executor.server import announce_keys, install, keep_announcing
 from lloom.executor.usage import AsyncUsageStore, UsageStore
 from lloom.httpserver import start_http
 from lloom.identity import Identity
-from lloom.logs import configure_logging
-from lloom.node.node import NodeConfig, open_node, parse_multiaddr_list
-from lloom.roles import announce_ready, ready_line, shutdown_signals, wait_for_signal
+from lloom.node.node import NodeConfig, open_node
+from lloom.roles import announce_ready, ready_line, run_role, shutdown_signals, wait_for_signal
 from lloom.tokens import ensure_offline_encodings
 
 if TYPE_CHECKING:  # web3 costs ~10 MB of RSS: imported only with a [chain] section
@@ -53,19 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a lloom executor: serve LLM requests from OpenAI-compatible backends.",
     )
     add_identity_args(parser)
-    parser.add_argument(
-        "--bootstrap-nodes",
-        required=True,
-        metavar="MULTIADDR,...",
-        help="validators to join, each ending in /p2p/<PeerId>",
-    )
     parser.add_argument("--config", required=True, metavar="PATH", help="the config.toml")
-    parser.add_argument(
-        "--listen-address",
-        action="append",
-        metavar="MULTIADDR",
-        help="override [node].listen; repeat or comma-separate for several",
-    )
+    add_node_args(parser, "executor", config_flag=False)
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: libp2p too)"
     )
@@ -74,14 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def node_config(args: argparse.Namespace, config: ExecutorConfig) -> NodeConfig:
-    """The node settings: flags override the config file."""
-    listen = args.listen_address or list(config.node.listen)
-    return NodeConfig(
-        listen=parse_multiaddr_list(listen),
-        bootstrap=parse_multiaddr_list(args.bootstrap_nodes, need_peer_id=True),
-        announce=parse_multiaddr_list(list(config.node.announce)),
-        pubsub=True,
-    )
+    """The node settings: flags override the config file's [node]."""
+    return settings_from_args(args, "executor", base=config.node).node_config()
 
 
 async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig) -> None:
@@ -138,6 +115,7 @@ async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig
                         await resumed.wait()
                     if not node.host.get_connected_peers():
                         raise NetworkError("no bootstrap node reachable")
+                    await node.make_reachable(nursery)
                     confirmed = await announce_keys(node, handler.models)
                     if confirmed == 0:
                         raise NetworkError("no validator accepted the executor's announcements")
@@ -197,18 +175,14 @@ def chain_parts(
 def main(argv: list[str] | None = None) -> int:
     """Run ``lloom-executor`` with ``argv``; return the exit code."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    try:
+
+    def prepare() -> Callable[[], Awaitable[None]]:
         identity = identity_from_args(args, role="executor")
         config = load_config(Path(args.config))
         node_cfg = node_config(args, config)
-        trio.run(serve, identity, config, node_cfg)
-    except LloomError as exc:
-        return report_error(exc)
-    except OSError as exc:
-        logger.error("cannot run the executor: %s", exc)
-        return EXIT_FAILURE
-    return EXIT_OK
+        return partial(serve, identity, config, node_cfg)
+
+    return run_role("executor", args.verbose, prepare)
 
 
 def run() -> None:

@@ -14,27 +14,17 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 from lloom.dhtkeys import validate_model_id
 from lloom.errors import ConfigError, UsageError
 from lloom.executor.backend import BackendSpec
 from lloom.executor.handler import Limits
-from lloom.paths import default_data_dir, exposed_to_others
+from lloom.node.settings import NodeSettings, parse_node
+from lloom.paths import exposed_to_others
+from lloom.tomlreader import TableReader, parse_toml
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-
-
-@dataclass(frozen=True)
-class NodeSection:
-    """``[node]``: how the executor joins the network."""
-
-    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4002",)
-    announce: tuple[str, ...] = ()
-    data_dir: Path = field(default_factory=lambda: default_data_dir() / "executor")
-    #: ``host:port`` of a local HTTP endpoint serving Prometheus ``/metrics`` (off if None).
-    metrics_listen: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,7 +47,7 @@ class ExecutorConfig:
 
     backends: tuple[BackendSpec, ...]
     limits: Limits = field(default_factory=Limits)
-    node: NodeSection = field(default_factory=NodeSection)
+    node: NodeSettings = field(default_factory=lambda: NodeSettings.defaults("executor"))
     chain: ChainSection | None = None
 
     def served_models(self) -> list[str]:
@@ -69,67 +59,7 @@ class ExecutorConfig:
         return next((b for b in self.backends if model in b.models), None)
 
 
-class _Reader:
-    """Typed access to one TOML table with field paths for errors."""
-
-    def __init__(self, source: str, path: str, table: object) -> None:
-        self.source = source
-        self.path = path
-        if not isinstance(table, dict):
-            raise self.error("expected a table")
-        self.table: dict[str, Any] = table
-        self.used: set[str] = set()
-
-    def error(self, message: str, key: str | None = None) -> ConfigError:
-        where = self.path if key is None else (f"{self.path}.{key}" if self.path else key)
-        return ConfigError(f"{self.source}: {where or '(top level)'}: {message}")
-
-    def get(
-        self, key: str, kind: type | tuple[type, ...], default: Any = ..., what: str = ""
-    ) -> Any:
-        self.used.add(key)
-        if key not in self.table:
-            if default is ...:
-                raise self.error("is required", key)
-            return default
-        value = self.table[key]
-        if isinstance(value, bool) and kind in (int, float, (int, float)):
-            raise self.error(f"expected {what or _kind_name(kind)}", key)
-        if not isinstance(value, kind):
-            raise self.error(f"expected {what or _kind_name(kind)}", key)
-        return value
-
-    def positive(self, key: str, default: float, integer: bool = False) -> Any:
-        kind: type | tuple[type, ...] = int if integer else (int, float)
-        value = self.get(key, kind, default)
-        if value <= 0:
-            raise self.error("must be positive", key)
-        return value
-
-    def child(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
-        if unknown:
-            raise self.error(f"unknown field '{unknown[0]}'")
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
-    if isinstance(kind, tuple):
-        return "a number" if set(kind) == {int, float} else " or ".join(names[k] for k in kind)
-    return names.get(kind, kind.__name__)
-
-
-def _strings(r: _Reader, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    values = r.get(key, list, list(default))
-    if not all(isinstance(v, str) for v in values):
-        raise r.error("expected a list of strings", key)
-    return tuple(values)
-
-
-def _models(r: _Reader) -> dict[str, str]:
+def _models(r: TableReader) -> dict[str, str]:
     raw = r.get("models", (list, dict), what="a list of model ids or a table id -> backend id")
     pairs = [(m, m) for m in raw] if isinstance(raw, list) else list(raw.items())
     if not pairs:
@@ -147,7 +77,7 @@ def _models(r: _Reader) -> dict[str, str]:
 
 
 def _backend(source: str, index: int, table: object, env: Mapping[str, str]) -> BackendSpec:
-    r = _Reader(source, f"backends[{index}]", table)
+    r = TableReader(source, f"backends[{index}]", table)
     name = r.get("name", str)
     base_url = r.get("base_url", str)
     parsed = urlparse(base_url)
@@ -169,7 +99,7 @@ def _backend(source: str, index: int, table: object, env: Mapping[str, str]) -> 
 
 
 def _limits(source: str, table: object) -> Limits:
-    r = _Reader(source, "limits", table)
+    r = TableReader(source, "limits", table)
     limits = Limits(
         max_concurrent_requests=r.positive("max_concurrent_requests", 16, integer=True),
         max_requests_per_peer=r.positive("max_requests_per_peer", 8, integer=True),
@@ -184,24 +114,8 @@ def _limits(source: str, table: object) -> Limits:
     return limits
 
 
-def _node(source: str, table: object) -> NodeSection:
-    r = _Reader(source, "node", table)
-    default = NodeSection()
-    data_dir = r.get("data_dir", str, None)
-    node = NodeSection(
-        listen=_strings(r, "listen", default.listen),
-        announce=_strings(r, "announce", ()),
-        data_dir=Path(data_dir).expanduser() if data_dir else default.data_dir,
-        metrics_listen=r.get("metrics_listen", str, None),
-    )
-    if node.metrics_listen is not None and not re.fullmatch(r".+:\d{1,5}", node.metrics_listen):
-        raise r.error("must be HOST:PORT", "metrics_listen")
-    r.finish()
-    return node
-
-
 def _chain(source: str, table: object) -> ChainSection:
-    r = _Reader(source, "chain", table)
+    r = TableReader(source, "chain", table)
     rpc_url = r.get("rpc_url", str)
     if urlparse(rpc_url).scheme not in ("http", "https", "ws", "wss"):
         raise r.error("must be an http(s):// or ws(s):// URL", "rpc_url")
@@ -234,11 +148,7 @@ def parse_config(
 ) -> ExecutorConfig:
     """Parse the text of a config file."""
     environ = os.environ if env is None else env
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    r = _Reader(source, "", doc)
+    r = TableReader(source, "", parse_toml(text, source))
     raw_backends = r.get("backends", list, what="an array of [[backends]] tables")
     if not raw_backends:
         raise r.error("at least one [[backends]] table is required", "backends")
@@ -250,7 +160,7 @@ def parse_config(
     config = ExecutorConfig(
         backends=backends,
         limits=_limits(source, r.get("limits", dict, {})),
-        node=_node(source, r.get("node", dict, {})),
+        node=parse_node(source, r.get("node", dict, {}), "executor"),
         chain=_chain(source, r.table["chain"]) if r.get("chain", dict, None) is not None else None,
     )
     r.finish()

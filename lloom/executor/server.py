@@ -99,8 +99,15 @@ async def keep_announcing(
     async def reprovide() -> None:
         keys = 1 + len(handler.models)
         while True:
-            await trio.sleep(reprovide_interval)
+            # Every interval, and at once when the relayed addresses changed.
+            with trio.move_on_after(reprovide_interval):
+                await node.addrs_changed.wait()
             await node.bootstrap()
+            if node.reservations is not None and not node.reservations.held:
+                # Nobody could reach it: advertising its models would only send clients
+                # to a dead end. Announced again once a reservation is back.
+                logger.warning("no relay reservation: not announcing until one is made")
+                continue
             done = await announce_keys(node, handler.models, attempts=1)
             if done < keys:
                 # A connection can look alive here and be gone at the validator, which

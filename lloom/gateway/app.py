@@ -198,12 +198,19 @@ class GatewayApp:
 
     async def models(self, _: Request) -> Response:
         """
-        summary: Models served on the network, with how many executors serve each.
+        summary: Models served on the network, with how many executors serve each and how many
+        of them this gateway reaches directly or through a validator's relay.
         """
         self.m.requests.labels("models").inc()
         data = [
-            {"id": model, "object": "model", "owned_by": "lloom", "executors": count}
-            for model, count in sorted((await self.gateway.models()).items())
+            {
+                "id": model,
+                "object": "model",
+                "owned_by": "lloom",
+                "executors": listing.executors,
+                "paths": listing.to_json(),
+            }
+            for model, listing in sorted((await self.gateway.models()).items())
         ]
         return JSONResponse({"object": "list", "data": data})
 

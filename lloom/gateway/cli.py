@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from lloom import __version__
 from lloom.cli.common import (
-    EXIT_OK,
     add_identity_args,
     identity_from_args,
-    report_error,
 )
 from lloom.cli.keys import default_key_usage_path
+from lloom.cli.node_args import add_node_args, settings_from_args
 from lloom.client.loads import follow_loads
 from lloom.client.network import NetworkClient
 from lloom.client.observed import EXECUTOR_BOOK, ExecutorBook
@@ -27,16 +28,14 @@ from lloom.client.options import (
     domain_from_args,
 )
 from lloom.client.receipts import Ledger, ReceiptSigner
-from lloom.errors import LloomError, NetworkError, UsageError
+from lloom.errors import NetworkError, UsageError
 from lloom.gateway.app import Access, build_app
 from lloom.gateway.guard import AccessPolicy, is_loopback
 from lloom.gateway.keys import ENV_KEYS, KeyUsage, load_keys
 from lloom.httpserver import start_http
 from lloom.identity import Identity
-from lloom.logs import configure_logging
-from lloom.node.node import NodeConfig, open_node, parse_multiaddr_list
-from lloom.paths import default_data_dir
-from lloom.roles import announce_ready, ready_line, shutdown_signals, wait_for_signal
+from lloom.node.node import open_node
+from lloom.roles import announce_ready, ready_line, run_role, shutdown_signals, wait_for_signal
 
 logger = logging.getLogger("lloom.gateway")
 
@@ -53,12 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="HTTP address (port 0: any)"
     )
-    parser.add_argument(
-        "--bootstrap-nodes",
-        required=True,
-        metavar="MULTIADDR,...",
-        help="validators, each ending in /p2p/<PeerId>",
-    )
+    add_node_args(parser, "gateway")
     parser.add_argument(
         "--timeout", type=float, default=300.0, metavar="SECONDS", help="per-request limit"
     )
@@ -129,15 +123,14 @@ async def serve(identity: Identity, args: argparse.Namespace) -> None:
 async def _serve(
     identity: Identity, args: argparse.Namespace, host: str, port: int, access: Access
 ) -> None:
-    config = NodeConfig(
-        bootstrap=parse_multiaddr_list(args.bootstrap_nodes, need_peer_id=True), pubsub=True
-    )
-    ledger = Ledger(default_data_dir() / "client-ledger.sqlite3")
-    book = ExecutorBook(default_data_dir() / EXECUTOR_BOOK)
+    settings = settings_from_args(args, "gateway")
+    config = settings.node_config()
+    ledger = Ledger(settings.data_dir / "client-ledger.sqlite3")
+    book = ExecutorBook(settings.data_dir / EXECUTOR_BOOK)
     try:
         with shutdown_signals() as signals:
             async with open_node(identity, config) as node, trio.open_nursery() as nursery:
-                if not node.host.get_connected_peers():
+                if config.bootstrap and not node.host.get_connected_peers():
                     raise NetworkError("no bootstrap node reachable")
                 signer = ReceiptSigner(identity, ledger, domain_from_args(args))
                 choice = choice_from_args(args, book)
@@ -166,10 +159,9 @@ async def _keep_saving(book: ExecutorBook, every: float = 30.0) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the gateway; return the exit code."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    try:
+
+    def prepare() -> Callable[[], Awaitable[None]]:
         identity = identity_from_args(args, role="client")
-        trio.run(serve, identity, args)
-    except LloomError as exc:
-        return report_error(exc)
-    return EXIT_OK
+        return partial(serve, identity, args)
+
+    return run_role("gateway", args.verbose, prepare)

@@ -22,18 +22,24 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from lloom.errors import DialError, UsageError
+from lloom.errors import DialError, NetworkError, UsageError
 from lloom.identity import Identity
 from lloom.node.dht import Dht
-from lloom.node.host import build_host
+from lloom.node.host import build_host, expand_addrs
 from lloom.node.patches import apply_all
+from lloom.node.reach import Reachability, Reservations, check_reachability, serve_autonat
+from lloom.node.relay import HopService, RelayDialer, RelaySettings, advertise, is_circuit
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+#: How long DCUtR tries one direct dial (py-libp2p's 10 s default delayed every punch).
+HOLE_PUNCH_DIAL_SECS = 2
 
 
 def parse_multiaddr(text: str, *, need_peer_id: bool = False) -> Multiaddr:
@@ -72,6 +78,22 @@ class NodeConfig:
     #: How often lost bootstrap connections are re-dialled.
     bootstrap_interval: float = 10.0
     dial_timeout: float = 10.0
+    #: "auto" asks the validators (AutoNAT dial-back); "public" or "private" says so.
+    reachability: str = "auto"
+    #: A validator's relay service (None: it relays nothing).
+    relay: RelaySettings | None = None
+    #: Relay reservations a private node keeps.
+    reservations: int = 2
+    #: Try DCUtR hole punching to turn relayed connections into direct ones.
+    hole_punch: bool = True
+    #: Find peers on the LAN with mDNS.
+    mdns: bool = False
+
+    def __post_init__(self) -> None:
+        if self.reachability not in ("auto", "public", "private"):
+            raise UsageError(
+                f"reachability must be auto, public or private, not {self.reachability!r}"
+            )
 
 
 class Node:
@@ -84,6 +106,15 @@ class Node:
         self.dht = Dht(host, server=config.dht_server)
         self.pubsub: Pubsub | None = None
         self._bootstrap_infos = [info_from_p2p_addr(a) for a in config.bootstrap]
+        self.relay_protocol: CircuitV2Protocol = (
+            HopService(host, config.relay) if config.relay else CircuitV2Protocol(host)
+        )
+        self.relay_dialer = RelayDialer(host, self.relay_protocol)
+        self.reservations: Reservations | None = None
+        #: "direct" or "relayed" once :meth:`make_reachable` ran.
+        self.path: str | None = None
+        #: Set whenever the advertised addresses change (re-announce then).
+        self.addrs_changed = trio.Event()
 
     @property
     def peer_id(self) -> ID:
@@ -95,15 +126,94 @@ class Node:
         return [str(a) for a in self.host.get_addrs()]
 
     async def connect(self, info: PeerInfo, timeout: float | None = None) -> None:
-        """Dial a peer (no-op when connected); raises :class:`DialError`."""
+        """Dial a peer (no-op when connected): its direct addresses first, then its relayed
+        ones (``/p2p-circuit``); raises :class:`DialError`."""
         limit = self.config.dial_timeout if timeout is None else timeout
-        try:
-            with trio.fail_after(limit):
-                await self.host.connect(info)
-        except trio.TooSlowError:
-            raise DialError(f"dialling {info.peer_id} timed out after {limit:g} s") from None
-        except Exception as exc:  # py-libp2p raises many types for a failed dial
-            raise DialError(f"cannot dial {info.peer_id}: {exc}") from exc
+        if self.host.get_network().get_connections(info.peer_id):
+            return
+        addrs = list(info.addrs) or list(self.host.get_peerstore().addrs(info.peer_id))
+        direct = [a for a in addrs if not is_circuit(a)]
+        relayed = [a for a in addrs if is_circuit(a)]
+        errors: list[str] = []
+        if direct or not relayed:
+            try:
+                with trio.fail_after(limit):
+                    await self.host.connect(PeerInfo(info.peer_id, direct))
+                return
+            except trio.TooSlowError:
+                errors.append(f"direct dial timed out after {limit:g} s")
+            except Exception as exc:  # py-libp2p raises many types for a failed dial
+                errors.append(str(exc) or type(exc).__name__)
+        for addr in relayed:
+            try:
+                await self.relay_dialer.dial(addr, limit)
+                return
+            except DialError as exc:
+                errors.append(str(exc))
+        raise DialError(f"cannot dial {info.peer_id}: {'; '.join(errors)}")
+
+    def path_to(self, peer_id: ID) -> str | None:
+        """How this node is connected to ``peer_id``: "direct" when any connection is,
+        "relayed" when only relayed ones are, None when not connected."""
+        conns = self.host.get_network().get_connections(peer_id)
+        if not conns:
+            return None
+        for conn in conns:
+            try:
+                addrs = conn.get_transport_addresses()
+            except Exception:  # an odd connection type: not known to be relayed
+                return "direct"
+            if not any(is_circuit(a) for a in addrs):
+                return "direct"
+        return "relayed"
+
+    def validator_infos(self) -> list[PeerInfo]:
+        """The bootstrap validators, as configured."""
+        return [i for i in self._bootstrap_infos if i.peer_id != self.peer_id]
+
+    async def make_reachable(self, nursery: trio.Nursery) -> str:
+        """Find out whether others can dial this node; when they cannot, reserve on relays
+        (kept in ``nursery``) and advertise only the relayed addresses. Returns "direct"
+        or "relayed"; raises :class:`NetworkError` when the node cannot be reached at all.
+        """
+        mode = self.config.reachability
+        if mode == "auto":
+            servers = [
+                i.peer_id
+                for i in self.validator_infos()
+                if self.host.get_network().get_connections(i.peer_id)
+            ]
+            own = expand_addrs(self.host.get_transport_addrs())
+            verdict = await check_reachability(self.host, servers, own)
+            logger.info("reachability: %s (asked %d validator(s))", verdict, len(servers))
+            # No verdict (validators without AutoNAT): keep the old behaviour, direct.
+            mode = "private" if verdict is Reachability.PRIVATE else "public"
+        if mode == "public":
+            self.path = "direct"
+            return self.path
+
+        def changed() -> None:
+            self.addrs_changed.set()
+            self.addrs_changed = trio.Event()
+
+        reservations = Reservations(
+            self.host,
+            self.relay_protocol,
+            self.validator_infos,
+            want=self.config.reservations,
+            on_change=changed,
+        )
+        await reservations.maintain()
+        if not reservations.held:
+            raise NetworkError(
+                'this node is not reachable (behind NAT, or reachability = "private") and '
+                "no validator accepted a relay reservation"
+            )
+        advertise(self.host, reservations.addrs)
+        self.reservations = reservations
+        nursery.start_soon(reservations.run)
+        self.path = "relayed"
+        return self.path
 
     async def bootstrap(self) -> int:
         """Connect to every bootstrap peer not connected; return how many are connected."""
@@ -210,6 +320,13 @@ async def _open_node(identity: Identity, config: NodeConfig) -> AsyncIterator[No
         await stop_auto_connector(host)
         node = Node(identity, config, host)
         await stack.enter_async_context(background_trio_service(node.dht.kad))
+        await stack.enter_async_context(background_trio_service(node.relay_protocol))
+        if config.dht_server:
+            serve_autonat(host)
+        elif config.hole_punch:
+            await stack.enter_async_context(
+                background_trio_service(DCUtRProtocol(host, dial_timeout=HOLE_PUNCH_DIAL_SECS))
+            )
         if config.pubsub:
             router = GossipSub(
                 protocols=[PROTOCOL_ID_V11],

@@ -1,6 +1,11 @@
 """Workarounds for defects of py-libp2p 0.8.1, applied once, each with a test.
 
 - :func:`apply_dial_fix` (in :mod:`lloom.node.host`): no happy-eyeballs stall per dial.
+- :func:`close_dead_connections`: yamux pings every connection but never acted on a
+  missing answer, so a peer whose cable was cut (no FIN, no RST) stayed "connected" for
+  the kernel's retransmission timeout (~15 min): a validator kept handing out a dead
+  executor, a client kept its pooled streams. A connection whose keep-alive ping goes
+  unanswered for ``KEEPALIVE_TIMEOUT`` s is now closed.
 - :func:`keep_providers_with_stale_records`: a provider (or a DHT response) whose signed
   peer record is *older* than one already held was dropped ("invalid-signed-record,
   skipping provider"), which hides js-libp2p executors; a validly signed record for the
@@ -13,14 +18,17 @@ in :mod:`lloom.node.dht` because they are behaviour of our wrapper, not patches.
 from __future__ import annotations
 
 import logging
+import struct
 from typing import Any
 
 import libp2p.kad_dht.provider_store as provider_store_module
+import trio
 from libp2p.kad_dht import peer_routing
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.kad_dht.utils import maybe_consume_signed_record as original_consume
 from libp2p.peer.envelope import consume_envelope
 from libp2p.peer.id import ID
+from libp2p.stream_muxer.yamux import yamux as yamux_module
 
 from lloom.node.host import apply_dial_fix
 
@@ -73,8 +81,59 @@ def start_lookups_at_servers() -> None:
     peer_routing.MIN_PEERS_THRESHOLD = 0
 
 
+#: Seconds between yamux keep-alive pings on every connection (py-libp2p: 30).
+KEEPALIVE_INTERVAL = 10.0
+#: Seconds a keep-alive ping may go unanswered before the connection is closed.
+KEEPALIVE_TIMEOUT = 10.0
+#: Seconds closing a dead connection may take.
+CLOSE_TIMEOUT = 10.0
+
+
+async def _keepalive_loop(self: Any) -> None:
+    """py-libp2p's RTT loop (``Yamux._measure_rtt_loop``) that also closes a connection
+    whose peer stopped answering."""
+    await trio.sleep(0.5)
+    while not self.event_shutting_down.is_set():
+        try:
+            self._ping_id += 1
+            self._ping_event = trio.Event()
+            header = struct.pack(
+                yamux_module.YAMUX_HEADER_FORMAT,
+                0,
+                yamux_module.TYPE_PING,
+                yamux_module.FLAG_SYN,
+                0,
+                self._ping_id,
+            )
+            with trio.move_on_after(KEEPALIVE_TIMEOUT):
+                await self._write_frame(header)
+            self._ping_sent_time = trio.current_time()
+            with trio.move_on_after(KEEPALIVE_TIMEOUT) as waited:
+                await self._ping_event.wait()
+        except Exception:  # the connection went away: nothing to keep alive
+            return
+        if waited.cancelled_caught and not self.event_shutting_down.is_set():
+            logger.info(
+                "connection to %s is dead (no keep-alive answer in %g s); closing it",
+                self.peer_id,
+                KEEPALIVE_TIMEOUT,
+            )
+            # Not cut short: a close cancelled half-way leaves the connection listed.
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await self.close()
+            return
+        with trio.move_on_after(KEEPALIVE_INTERVAL):
+            await self.event_shutting_down.wait()
+
+
+def close_dead_connections() -> None:
+    """Install :func:`_keepalive_loop` on every yamux connection."""
+    yamux_module.Yamux._measure_rtt_loop = _keepalive_loop  # type: ignore[method-assign]
+
+
 def apply_all() -> None:
     """Apply every module-level workaround (idempotent)."""
     apply_dial_fix()
+    close_dead_connections()
     start_lookups_at_servers()
     keep_providers_with_stale_records()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 import trio
 from libp2p.abc import INetStream
@@ -43,6 +44,11 @@ class FramedStream:
         self.read_timeout = read_timeout
         self._decoder = FrameDecoder(max_frame)
         self._ready: deque[bytes] = deque()
+        #: Called after every ``probe_every`` s without a frame while a read waits; it
+        #: raises when the peer is gone (a ping), so a dead connection is noticed long
+        #: before ``read_timeout`` (which may be minutes while a model thinks).
+        self.probe: Callable[[], Awaitable[object]] | None = None
+        self.probe_every = 5.0
 
     async def read_frame(self, timeout: float | None = None) -> bytes | None:
         """The next frame, or ``None`` if the stream ended cleanly between frames.
@@ -52,22 +58,38 @@ class FramedStream:
         :class:`NetworkError` when the stream is reset.
         """
         limit = self.read_timeout if timeout is None else timeout
+        deadline = trio.current_time() + limit
         try:
-            with trio.fail_after(limit):
-                while not self._ready:
-                    try:
+            while not self._ready:
+                left = deadline - trio.current_time()
+                if left <= 0:
+                    raise PeerTimeout(f"no frame from peer within {limit:g} s")
+                wait = left if self.probe is None else min(left, self.probe_every)
+                data = b""
+                with trio.move_on_after(wait) as quiet:
+                    with contextlib.suppress(StreamEOF):
                         data = await self.stream.read(READ_CHUNK)
-                    except StreamEOF:
-                        data = b""
-                    if not data:
-                        self._decoder.eof()
-                        return None
-                    self._ready.extend(self._decoder.feed(data))
-        except trio.TooSlowError:
-            raise PeerTimeout(f"no frame from peer within {limit:g} s") from None
+                if quiet.cancelled_caught:  # quiet for a while: is the peer still there?
+                    if self.probe is not None and trio.current_time() < deadline:
+                        await self._check_alive()
+                    continue
+                if not data:
+                    self._decoder.eof()
+                    return None
+                self._ready.extend(self._decoder.feed(data))
         except StreamError as exc:
             raise NetworkError(f"stream failed while reading: {type(exc).__name__}") from exc
         return self._ready.popleft()
+
+    async def _check_alive(self) -> None:
+        assert self.probe is not None
+        try:
+            await self.probe()
+        except Exception as exc:  # a failed ping: py-libp2p raises assorted types
+            raise PeerTimeout(
+                f"peer stopped answering (no frame for {self.probe_every:g} s and "
+                f"no ping answer: {exc or type(exc).__name__})"
+            ) from None
 
     async def write_frame(self, payload: bytes, timeout: float | None = None) -> None:
         """Write one frame; raises :class:`NetworkError` if the stream is gone."""

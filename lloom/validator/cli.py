@@ -10,57 +10,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import trio
 from libp2p.abc import ISubscriptionAPI
 
 from lloom import __version__
-from lloom.cli.common import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    add_identity_args,
-    identity_from_args,
-    report_error,
-    run_main,
-)
-from lloom.errors import LloomError
+from lloom.cli.common import add_identity_args, identity_from_args, run_main
+from lloom.cli.node_args import add_node_args, settings_from_args
 from lloom.identity import Identity
-from lloom.logs import configure_logging
-from lloom.node.node import NodeConfig, open_node, parse_multiaddr_list
+from lloom.node.node import NodeConfig, open_node
 from lloom.protocol.announce import TOPIC as ANNOUNCE_TOPIC
-from lloom.roles import announce_ready, ready_line, shutdown_signals, wait_for_signal
+from lloom.roles import announce_ready, ready_line, run_role, shutdown_signals, wait_for_signal
 
 logger = logging.getLogger("lloom.validator")
-
-DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lloom-validator``."""
     parser = argparse.ArgumentParser(
         prog="lloom-validator",
-        description="Run a lloom validator: a bootstrap node and Kademlia DHT server.",
+        description="Run a lloom validator: a bootstrap node, Kademlia DHT server and relay "
+        "for executors behind NAT.",
     )
     add_identity_args(parser)
-    parser.add_argument(
-        "--listen-address",
-        action="append",
-        metavar="MULTIADDR",
-        help=f"address to listen on; repeat or comma-separate for several "
-        f"(default {DEFAULT_LISTEN})",
-    )
-    parser.add_argument(
-        "--bootstrap-nodes",
-        metavar="MULTIADDR,...",
-        default="",
-        help="other validators to join, each ending in /p2p/<PeerId>",
-    )
-    parser.add_argument(
-        "--announce-address",
-        action="append",
-        metavar="MULTIADDR",
-        help="public address to advertise instead of the listen addresses (behind NAT)",
-    )
+    add_node_args(parser, "validator")
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: libp2p too)"
     )
@@ -69,14 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
-    """The node configuration a validator runs with."""
-    return NodeConfig(
-        listen=parse_multiaddr_list(args.listen_address or [DEFAULT_LISTEN]),
-        bootstrap=parse_multiaddr_list(args.bootstrap_nodes, need_peer_id=True),
-        announce=parse_multiaddr_list(args.announce_address or []),
-        dht_server=True,
-        pubsub=True,
-    )
+    """The node configuration a validator runs with: ``--config``'s [node], then flags."""
+    return settings_from_args(args, "validator").node_config()
 
 
 async def serve(identity: Identity, config: NodeConfig) -> None:
@@ -87,7 +56,9 @@ async def serve(identity: Identity, config: NodeConfig) -> None:
                 # Validators join the announcement topic so its mesh forms through them.
                 subscription = await node.pubsub.subscribe(ANNOUNCE_TOPIC)
                 nursery.start_soon(_drain, subscription)
-            announce_ready(ready_line(node, "validator"))
+            relay = node.config.relay
+            extra = (("relay", "on" if relay else "off"),)
+            announce_ready(ready_line(node, "validator", extra))
             logger.info("validator %s (%s) ready", node.peer_id, identity.address)
             await wait_for_signal(signals)
             nursery.cancel_scope.cancel()
@@ -102,17 +73,12 @@ async def _drain(subscription: ISubscriptionAPI) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run ``lloom-validator`` with ``argv``; return the exit code."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    try:
+
+    def prepare() -> Callable[[], Awaitable[None]]:
         identity = identity_from_args(args, role="validator")
-        config = config_from_args(args)
-        trio.run(serve, identity, config)
-    except LloomError as exc:
-        return report_error(exc)
-    except OSError as exc:
-        logger.error("cannot run the validator: %s", exc)
-        return EXIT_FAILURE
-    return EXIT_OK
+        return partial(serve, identity, config_from_args(args))
+
+    return run_role("validator", args.verbose, prepare)
 
 
 def run() -> None:

@@ -52,12 +52,12 @@ def config_keys(text: str) -> set[str]:
 
 def test_every_config_key_is_documented() -> None:
     from lloom.executor import config
+    from lloom.node.settings import ROLE_KEYS
 
     example = (DOCS.parent / "config.toml.example").read_text()
     doc = (DOCS / "executor.md").read_text()
     fields: set[str] = set()
-    for cls in (config.NodeSection, config.ChainSection):
-        fields |= set(cls.__dataclass_fields__)
+    fields |= set(ROLE_KEYS["executor"]) | set(config.ChainSection.__dataclass_fields__)
     fields |= {"name", "base_url", "models", "api_key", "api_key_env", "timeout_secs"}
     fields |= {"allow_remote_media"}
     limits = set(Limits.__dataclass_fields__)

@@ -34,15 +34,30 @@ class Lookups:
         return list(self.answer)
 
 
+async def reachable(
+    node: Node, found: list[PeerInfo], timeout: float = 2.0, failures: Any = None
+) -> dict[Any, float]:
+    """A fake measurement: every executor answered in 1 ms."""
+    return {info.peer_id: 1.0 for info in found}
+
+
+class Unconnected:
+    """A node that is connected to nobody."""
+
+    def path_to(self, _peer: object) -> None:
+        return None
+
+
 @pytest.fixture
 def lookups(monkeypatch: pytest.MonkeyPatch) -> Lookups:
     fake = Lookups()
     monkeypatch.setattr(core, "find_executors", fake)
+    monkeypatch.setattr(core, "measure", reachable)
     return fake
 
 
 def gateway(nursery: trio.Nursery) -> NetworkClient:
-    g = NetworkClient(cast(Node, None), None, discovery_ttl=10.0)
+    g = NetworkClient(cast(Node, Unconnected()), None, discovery_ttl=10.0)
     g.nursery = nursery
     return g
 
@@ -89,7 +104,7 @@ async def test_a_failed_lookup_is_a_503_never_a_404_and_keeps_what_was_known(
 
 async def test_an_executor_that_refused_as_busy_is_not_drawn_for_a_second() -> None:
     peers = [PeerInfo(Identity.generate().peer_id, []) for _ in range(3)]
-    g = NetworkClient(cast(Node, None), None)
+    g = NetworkClient(cast(Node, Unconnected()), None)
     busy = peers[0].peer_id
     g._note_busy(busy)
     firsts = {g._spread(peers)[0].peer_id for _ in range(200)}

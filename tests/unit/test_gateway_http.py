@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from lloom.client.network import NetworkClient
+from lloom.client.network import Listing, NetworkClient
 from lloom.client.session import Result
 from lloom.gateway.app import Access, GatewayApp
 from lloom.gateway.guard import AccessPolicy
@@ -56,8 +56,8 @@ class FakeGateway:
         response = None if request.stream else {"choices": [{"message": {"content": "Hello"}}]}
         return Result(EXECUTOR, end, response, 2)
 
-    async def models(self) -> dict[str, int]:
-        return {"m": 1}
+    async def models(self) -> dict[str, Listing]:
+        return {"m": Listing(1, 0)}
 
 
 def app(fake: FakeGateway, access: Access | None = None, **attrs: Any) -> GatewayApp:

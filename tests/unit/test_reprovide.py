@@ -15,9 +15,11 @@ from lloom.node.node import Node
 
 class FakeNode:
     pubsub = None
+    reservations = None
 
     def __init__(self) -> None:
         self.reconnects = 0
+        self.addrs_changed = trio.Event()
 
     async def bootstrap(self) -> int:
         return 1

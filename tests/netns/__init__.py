@@ -1,0 +1,1 @@
+"""Multi-host scenarios in Linux network namespaces (root only; skipped elsewhere)."""
