@@ -6,6 +6,9 @@
   the kernel's retransmission timeout (~15 min): a validator kept handing out a dead
   executor, a client kept its pooled streams. A connection whose keep-alive ping goes
   unanswered for ``KEEPALIVE_TIMEOUT`` s is now closed.
+- :func:`punch_from_listen_ports`: DCUtR takes the ports to punch from ``host.get_addrs()``;
+  an executor behind NAT advertises only relayed addresses there, so it offered nothing to
+  punch to. The ports are read from the node's listeners instead.
 - :func:`keep_providers_with_stale_records`: a provider (or a DHT response) whose signed
   peer record is *older* than one already held was dropped ("invalid-signed-record,
   skipping provider"), which hides js-libp2p executors; a validly signed record for the
@@ -28,9 +31,10 @@ from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.kad_dht.utils import maybe_consume_signed_record as original_consume
 from libp2p.peer.envelope import consume_envelope
 from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2 import dcutr as dcutr_module
 from libp2p.stream_muxer.yamux import yamux as yamux_module
 
-from lloom.node.host import apply_dial_fix
+from lloom.node.host import apply_dial_fix, expand_addrs
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +135,25 @@ def close_dead_connections() -> None:
     yamux_module.Yamux._measure_rtt_loop = _keepalive_loop  # type: ignore[method-assign]
 
 
+def _listen_ports(host: Any) -> list[tuple[int, str, int]]:
+    """Our TCP listen addresses as DCUtR wants them: (family, ip, port)."""
+    out: list[tuple[int, str, int]] = []
+    for addr in expand_addrs(host.get_transport_addrs()):
+        parsed = dcutr_module._tcp_ip_port(addr)
+        if parsed is not None and parsed not in out:
+            out.append(parsed)
+    return out
+
+
+def punch_from_listen_ports() -> None:
+    """Install :func:`_listen_ports` as DCUtR's source of local ports."""
+    dcutr_module._local_tcp_listen_addrs = _listen_ports
+
+
 def apply_all() -> None:
     """Apply every module-level workaround (idempotent)."""
     apply_dial_fix()
     close_dead_connections()
+    punch_from_listen_ports()
     start_lookups_at_servers()
     keep_providers_with_stale_records()

@@ -325,3 +325,14 @@ async def test_a_reservation_is_for_the_asking_peer_only() -> None:
         reserved = validator.relay_protocol.resource_manager
         assert reserved.has_reservation(asker.peer_id)
         assert not reserved.has_reservation(victim)
+
+
+async def test_hole_punching_knows_the_listen_ports_of_a_relayed_node() -> None:
+    """DCUtR read the ports to punch from from ``host.get_addrs()``, which a private node
+    fills with relayed addresses only: it had nothing to offer."""
+    from libp2p.relay.circuit_v2 import dcutr  # noqa: PLC0415
+
+    async with relayed_network() as (_vals, private, _n):
+        assert all(is_circuit(a) for a in private.host.get_addrs())
+        port = int(str(private.host.get_transport_addrs()[0]).split("/")[4])
+        assert (4, "127.0.0.1", port) in dcutr._local_tcp_listen_addrs(private.host)
