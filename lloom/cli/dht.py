@@ -21,6 +21,7 @@ from lloom.dhtkeys import EXECUTOR_ROLE_NAME, cid_key, cid_string, model_key_nam
 from lloom.errors import DialError, NetworkError, UsageError
 from lloom.identity import Identity
 from lloom.node.node import Node, NodeConfig, open_node, parse_multiaddr_list
+from lloom.node.relay import is_circuit
 from lloom.roles import announce_ready, ready_line, shutdown_signals, wait_for_signal
 
 
@@ -95,7 +96,8 @@ async def find_providers(args: argparse.Namespace) -> int:
     else:
         print(f"{len(rows)} provider(s) of {name} ({cid_string(key)}) in {lookup_ms:.1f} ms")
         for row in rows:
-            extra = f"  ping {row['ping_ms']} ms" if "ping_ms" in row else ""
+            extra = f"  {row['path']}"
+            extra += f"  ping {row['ping_ms']} ms" if "ping_ms" in row else ""
             error = f"  unreachable: {row['error']}" if "error" in row else ""
             print(f"  {row['peer_id']}{extra}{error}")
             for addr in row["addrs"]:
@@ -104,14 +106,17 @@ async def find_providers(args: argparse.Namespace) -> int:
 
 
 async def _describe(node: Node, info: PeerInfo, dial: bool) -> dict[str, Any]:
+    relayed = bool(info.addrs) and all(is_circuit(a) for a in info.addrs)
     row: dict[str, Any] = {
         "peer_id": str(info.peer_id),
         "addrs": [str(a) for a in info.addrs],
+        "path": "relayed" if relayed else "direct",
     }
     if dial:
         try:
             await node.connect(info)
             row["ping_ms"] = round(await node.ping(info.peer_id) * 1000, 2)
+            row["path"] = node.path_to(info.peer_id) or row["path"]
         except (DialError, trio.TooSlowError, NetworkError) as exc:
             row["error"] = str(exc)
     return row

@@ -64,6 +64,7 @@ def test_provider_found_dialled_and_gone_after_kill(procs: Processes) -> None:
     assert isinstance(providers, list)
     assert [p["peer_id"] for p in providers] == [pid]
     assert "ping_ms" in providers[0], providers[0]
+    assert providers[0]["path"] == "direct", providers[0]
 
     provider.kill()
     killed_at = time.monotonic()

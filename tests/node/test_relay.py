@@ -330,9 +330,44 @@ async def test_a_reservation_is_for_the_asking_peer_only() -> None:
 async def test_hole_punching_knows_the_listen_ports_of_a_relayed_node() -> None:
     """DCUtR read the ports to punch from from ``host.get_addrs()``, which a private node
     fills with relayed addresses only: it had nothing to offer."""
-    from libp2p.relay.circuit_v2 import dcutr  # noqa: PLC0415
+    from libp2p.relay.circuit_v2 import dcutr
 
     async with relayed_network() as (_vals, private, _n):
         assert all(is_circuit(a) for a in private.host.get_addrs())
         port = int(str(private.host.get_transport_addrs()[0]).split("/")[4])
         assert (4, "127.0.0.1", port) in dcutr._local_tcp_listen_addrs(private.host)
+
+
+async def test_a_validator_that_disappears_mid_circuit_ends_it_promptly() -> None:
+    async with AsyncExitStack() as stack:
+        holder = await stack.enter_async_context(trio.open_nursery())
+        stop = trio.Event()
+
+        async def run_validator(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            config = NodeConfig(dht_server=True, relay=RelaySettings())
+            async with open_node(Identity.generate(), config) as validator:
+                task_status.started(validator)
+                await stop.wait()
+
+        validator: Node = await holder.start(run_validator)
+        boot = [Multiaddr(validator.listen_multiaddrs()[0])]
+        private = await stack.enter_async_context(
+            open_node(Identity.generate(), NodeConfig(bootstrap=boot, reachability="private"))
+        )
+        private.host.set_stream_handler(ECHO, _echo)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        await private.make_reachable(nursery)
+        client = await _client(stack, [validator])
+        await client.connect(PeerInfo(private.peer_id, [Multiaddr(private.listen_multiaddrs()[0])]))
+        stream = await client.host.new_stream(private.peer_id, [ECHO])
+        await stream.write(b"one")
+        assert await stream.read(3) == b"one"
+        stop.set()
+        with trio.fail_after(5):  # never a hang: the circuit's stream ends
+            with pytest.raises(Exception):  # noqa: B017 - reset or EOF, as py-libp2p has it
+                await stream.write(b"two")
+                if not await stream.read(3):
+                    raise EOFError("circuit closed")
+        await until(lambda: client.path_to(private.peer_id) is None)
+        nursery.cancel_scope.cancel()
+        holder.cancel_scope.cancel()
