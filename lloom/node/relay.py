@@ -174,6 +174,8 @@ class HopService(CircuitV2Protocol):
         super().__init__(host, limits=self.settings.limits(), allow_hop=True)
         self.stats = RelayStats()
         self._reserved_ip: dict[ID, str] = {}
+        #: Circuits being pumped, by their pair of streams (either direction).
+        self._circuits: set[frozenset[int]] = set()
 
     # -- reservations ---------------------------------------------------------------
 
@@ -277,6 +279,7 @@ class HopService(CircuitV2Protocol):
         circuit_data_limit: list[int] | None = None,
     ) -> None:
         """Pump one direction of one circuit; close both ends when it ends."""
+        self._circuits.add(_circuit_key(src_stream, dst_stream))
         try:
             while True:
                 left = math.inf if deadline is None else deadline - time.monotonic()
@@ -285,15 +288,13 @@ class HopService(CircuitV2Protocol):
                     with contextlib.suppress(Exception):  # reset/EOF of a stream: the end
                         data = await src_stream.read(PUMP_READ)
                 if scope.cancelled_caught:
-                    self.stats.circuits_cut += 1
-                    logger.info("relay: circuit to %s reached its duration limit", peer_id)
+                    self._count_cut(src_stream, dst_stream, peer_id, "duration")
                     return
                 if not data:
                     return
                 if circuit_data_limit is not None:
                     if len(data) > circuit_data_limit[0]:
-                        self.stats.circuits_cut += 1
-                        logger.info("relay: circuit to %s reached its data limit", peer_id)
+                        self._count_cut(src_stream, dst_stream, peer_id, "data")
                         return
                     circuit_data_limit[0] -= len(data)
                 with trio.fail_after(self.write_timeout):
@@ -305,6 +306,18 @@ class HopService(CircuitV2Protocol):
             await self._close_stream(src_stream)
             await self._close_stream(dst_stream)
             self._active_relays.pop(peer_id, None)
+            self._circuits.discard(_circuit_key(src_stream, dst_stream))
+
+    def _count_cut(self, src: INetStream, dst: INetStream, peer_id: ID, limit: str) -> None:
+        """Count a circuit cut by a limit once, though both directions notice it."""
+        if _circuit_key(src, dst) in self._circuits:
+            self._circuits.discard(_circuit_key(src, dst))
+            self.stats.circuits_cut += 1
+            logger.info("relay: a circuit to %s reached its %s limit", peer_id, limit)
+
+
+def _circuit_key(a: INetStream, b: INetStream) -> frozenset[int]:
+    return frozenset((id(a), id(b)))
 
 
 def _peer_of(stream: INetStream) -> str:

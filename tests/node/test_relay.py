@@ -4,6 +4,7 @@ circuits; each py-libp2p 0.8.1 workaround of :mod:`lloom.node.relay` and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -371,3 +372,24 @@ async def test_a_validator_that_disappears_mid_circuit_ends_it_promptly() -> Non
         await until(lambda: client.path_to(private.peer_id) is None)
         nursery.cancel_scope.cancel()
         holder.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("settings", "payload"),
+    [
+        (RelaySettings(circuit_bytes=64 * 1024), b"x" * 128 * 1024),  # over the byte limit
+        (RelaySettings(circuit_duration_secs=1), b""),  # idle past the duration limit
+    ],
+)
+async def test_circuit_limits_cut_the_circuit(settings: RelaySettings, payload: bytes) -> None:
+    async with relayed_network(settings) as ((validator,), private, _n), AsyncExitStack() as st:
+        client = await _client(st, [validator])
+        addr = Multiaddr(private.listen_multiaddrs()[0])
+        await client.connect(PeerInfo(private.peer_id, [addr]))
+        assert await _roundtrip(client, private.peer_id) == b"ping"
+        stats = validator.relay_protocol.stats  # type: ignore[attr-defined]
+        if payload:
+            with contextlib.suppress(Exception):  # the circuit may end mid-write
+                await _roundtrip(client, private.peer_id, payload)
+        await until(lambda: stats.circuits_cut == 1, timeout=10)
+        await until(lambda: client.path_to(private.peer_id) is None, timeout=10)
