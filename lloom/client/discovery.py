@@ -11,16 +11,53 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from lloom.client.observed import ExecutorBook, Seen
 from lloom.dhtkeys import model_key
-from lloom.errors import DialError, NetworkError, NoExecutorError
+from lloom.errors import DialError, DiscoveryFailed, NetworkError, NoExecutorError
+from lloom.node.dht import dedupe_providers
+from lloom.node.mdns import LanPeer
 from lloom.node.node import Node
 
 logger = logging.getLogger(__name__)
 
 
+#: Seconds a node without validators waits for an executor of the model to show up on the
+#: LAN (mDNS finds a running peer in 0.1 to 0.3 s after start).
+LAN_WAIT = 2.0
+
+
+def serves(peer: LanPeer, model: str) -> bool:
+    """Whether LAN peer ``peer`` advertises itself as an executor of ``model``."""
+    return peer.properties.get("role") == "executor" and model in peer.list_property("models")
+
+
+async def lan_executors(node: Node, model: str, wait: float = 0.0) -> list[PeerInfo]:
+    """Executors of ``model`` that ``node`` found on the LAN by mDNS (none without mDNS),
+    waiting up to ``wait`` s for the first one."""
+    if node.lan is None:
+        return []
+    if wait > 0:
+        with trio.move_on_after(wait):
+            await node.lan.wait_for_peer(lambda p: serves(p, model))
+    return [p.info for p in node.lan.lan_peers() if serves(p, model)]
+
+
 async def find_executors(node: Node, model: str, timeout: float = 10.0) -> list[PeerInfo]:
-    """Executors providing ``model``'s DHT key; raises :class:`NoExecutorError` if the DHT
-    says there are none, :class:`DiscoveryFailed` if the lookup itself failed."""
-    found = await node.dht.find_providers(model_key(model), timeout=timeout)
+    """Executors of ``model``: providers of its DHT key, then those on the LAN (mDNS).
+
+    Raises :class:`NoExecutorError` when neither knows one, :class:`DiscoveryFailed` when
+    the DHT lookup itself failed and the LAN has none either.
+    """
+    if not node.config.bootstrap:
+        found = await lan_executors(node, model, wait=LAN_WAIT)
+        if not found:
+            raise NoExecutorError(f"no executor on the LAN serves model {model!r}")
+        return found
+    try:
+        found = await node.dht.find_providers(model_key(model), timeout=timeout)
+    except DiscoveryFailed:
+        found = []
+        if not await lan_executors(node, model):
+            raise
+    found = dedupe_providers([*found, *await lan_executors(node, model)])
     if not found:
         raise NoExecutorError(f"no executor serves model {model!r}")
     return found

@@ -248,7 +248,13 @@ class NetworkClient:
         lookup (cached like requests' lookups) found an executor for it. At most ``limit``
         models are looked up, the most announced first.
         """
-        announced = sorted(self.loads.models().items(), key=lambda kv: (-kv[1], kv[0]))
+        counts = dict(self.loads.models())
+        if self.node.lan is not None:  # executors on the LAN advertise their models by mDNS
+            for peer in self.node.lan.lan_peers():
+                if peer.properties.get("role") == "executor":
+                    for model in peer.list_property("models"):
+                        counts[model] = counts.get(model, 0) + 1
+        announced = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         listed: dict[str, Listing] = {}
 
         async def one(model: str) -> None:

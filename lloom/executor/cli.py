@@ -30,6 +30,7 @@ from lloom.executor.server import announce_keys, install, keep_announcing
 from lloom.executor.usage import AsyncUsageStore, UsageStore
 from lloom.httpserver import start_http
 from lloom.identity import Identity
+from lloom.node.mdns import pack_list
 from lloom.node.node import NodeConfig, open_node
 from lloom.roles import announce_ready, ready_line, run_role, shutdown_signals, wait_for_signal
 from lloom.tokens import ensure_offline_encodings
@@ -58,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def node_config(args: argparse.Namespace, config: ExecutorConfig) -> NodeConfig:
     """The node settings: flags override the config file's [node]."""
-    return settings_from_args(args, "executor", base=config.node).node_config()
+    node = settings_from_args(args, "executor", base=config.node).node_config()
+    # What it serves, for clients on the LAN (mDNS); the DHT has its own announcements.
+    node.lan_properties = {"role": "executor", **pack_list("models", config.served_models())}
+    return node
 
 
 async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig) -> None:
@@ -113,11 +117,12 @@ async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig
                         )
                         # Ready only once a previous run's settlements are picked up.
                         await resumed.wait()
-                    if not node.host.get_connected_peers():
+                    with_validators = bool(node_cfg.bootstrap)
+                    if with_validators and not node.host.get_connected_peers():
                         raise NetworkError("no bootstrap node reachable")
                     await node.make_reachable(nursery)
-                    confirmed = await announce_keys(node, handler.models)
-                    if confirmed == 0:
+                    # Without validators (mDNS only) the LAN record is the announcement.
+                    if with_validators and await announce_keys(node, handler.models) == 0:
                         raise NetworkError("no validator accepted the executor's announcements")
                     nursery.start_soon(keep_announcing, node, handler)
                     extra = [("models", ",".join(handler.models))]

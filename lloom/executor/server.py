@@ -97,6 +97,8 @@ async def keep_announcing(
     """Re-provide the DHT keys and publish load until cancelled."""
 
     async def reprovide() -> None:
+        if not node.config.bootstrap:
+            return  # LAN only (mDNS): no DHT to announce to
         keys = 1 + len(handler.models)
         while True:
             # Every interval, and at once when the relayed addresses changed.

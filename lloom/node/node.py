@@ -31,6 +31,7 @@ from lloom.errors import DialError, NetworkError, UsageError
 from lloom.identity import Identity
 from lloom.node.dht import Dht
 from lloom.node.host import build_host, expand_addrs
+from lloom.node.mdns import LanDiscovery
 from lloom.node.patches import apply_all
 from lloom.node.reach import Reachability, Reservations, check_reachability, serve_autonat
 from lloom.node.relay import HopService, RelayDialer, RelaySettings, advertise, is_circuit
@@ -86,8 +87,9 @@ class NodeConfig:
     reservations: int = 2
     #: Try DCUtR hole punching to turn relayed connections into direct ones.
     hole_punch: bool = True
-    #: Find peers on the LAN with mDNS.
+    #: Find peers on the LAN with mDNS, advertising ``lan_properties`` (e.g. models).
     mdns: bool = False
+    lan_properties: dict[str, str] = field(default_factory=lambda: {"role": "client"})
 
     def __post_init__(self) -> None:
         if self.reachability not in ("auto", "public", "private"):
@@ -111,6 +113,10 @@ class Node:
         )
         self.relay_dialer = RelayDialer(host, self.relay_protocol)
         self.reservations: Reservations | None = None
+        #: mDNS discovery on the LAN (``config.mdns``).
+        self.lan: LanDiscovery | None = (
+            LanDiscovery(host, properties=config.lan_properties) if config.mdns else None
+        )
         #: "direct" or "relayed" once :meth:`make_reachable` ran.
         self.path: str | None = None
         #: Set whenever the advertised addresses change (re-announce then).
@@ -342,6 +348,9 @@ async def _open_node(identity: Identity, config: NodeConfig) -> AsyncIterator[No
         await node.bootstrap()
         nursery = await stack.enter_async_context(trio.open_nursery())
         node.dht.gate.nursery = nursery
+        if node.lan is not None:
+            # Stopped (its goodbye sent) with the nursery, before the host closes.
+            await nursery.start(node.lan.run)
         if node._bootstrap_infos:
             nursery.start_soon(node._maintain_bootstrap)
         try:

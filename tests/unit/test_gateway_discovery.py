@@ -44,6 +44,8 @@ async def reachable(
 class Unconnected:
     """A node that is connected to nobody."""
 
+    lan = None
+
     def path_to(self, _peer: object) -> None:
         return None
 

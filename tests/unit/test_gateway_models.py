@@ -15,6 +15,8 @@ from lloom.protocol.announce import LoadAnnouncement
 
 async def test_a_model_only_gossip_claims_is_not_listed() -> None:
     class Unconnected:
+        lan = None
+
         def path_to(self, _peer: object) -> None:
             return None
 

@@ -13,9 +13,14 @@ from lloom.executor.handler import RequestHandler
 from lloom.node.node import Node
 
 
+class FakeConfig:
+    bootstrap = ["/ip4/127.0.0.1/tcp/1/p2p/validator"]
+
+
 class FakeNode:
     pubsub = None
     reservations = None
+    config = FakeConfig()
 
     def __init__(self) -> None:
         self.reconnects = 0
