@@ -269,6 +269,35 @@ def test_unreachable_executor_without_relay_exits(
     print(f"\n{case}: executor exited ({code}) after {took:.1f} s")
 
 
+@pytest.mark.timeout(90)
+def test_client_that_finds_only_unreachable_executors_fails_fast(
+    net: Topology, procs: Processes
+) -> None:
+    """An executor behind NAT that claims to be public (``reachability = "public"``, no
+    port forwarded) announces its private address: a client finds it and cannot dial it.
+    The client says so at once (``no_executor_reachable``, exit 4) instead of waiting a
+    dial timeout per executor (10 s each, twice with the second lookup)."""
+    wan = net.subnet("wan")
+    vhost, chost = net.host("validator", wan), net.host("client", wan)
+    ehost, _ = nat_home(net)
+    vproc = launch_validator(procs, vhost, "validator")
+    vready = vproc.wait_ready()
+    boot = address_on(vready, vhost.ip)
+    _, url = start_mock(procs, ehost, "mock")
+    eproc, _ = launch_executor(
+        procs, ehost, "exec", boot, url, [MODEL], node_extra='reachability = "public"'
+    )
+    assert eproc.wait_ready().get("path") == "direct"
+    start = time.monotonic()
+    done = run_client(procs, chost, boot, MODEL, "hi")
+    took = time.monotonic() - start
+    assert done.returncode == 4, done.stderr
+    assert "failed" in done.stderr, done.stderr
+    # Process start (~1.5 s), lookup, one 2 s ping round for every executor found.
+    assert took < 8, f"took {took:.1f} s"
+    print(f"\nunreachable executor refused in {took:.1f} s")
+
+
 # --- scenario 4 ----------------------------------------------------------------------
 
 
