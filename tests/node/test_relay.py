@@ -164,8 +164,14 @@ async def test_reservation_is_quiet_and_takes_no_half_second(
     assert not errors, [r.getMessage() for r in errors]
 
 
-async def test_reservation_limits_refuse_and_count() -> None:
-    settings = RelaySettings(max_reservations=1)
+@pytest.mark.parametrize(
+    ("settings", "limit"),
+    [
+        (RelaySettings(max_reservations=1), "reservations"),
+        (RelaySettings(max_reservations_per_ip=1), "reservations_per_ip"),
+    ],
+)
+async def test_reservation_limits_refuse_and_count(settings: RelaySettings, limit: str) -> None:
     async with relayed_network(settings) as ((validator,), _private, _n), AsyncExitStack() as st:
         other = await st.enter_async_context(
             open_node(
@@ -181,26 +187,7 @@ async def test_reservation_limits_refuse_and_count() -> None:
                 await other.make_reachable(nursery)
         stats = validator.relay_protocol.stats  # type: ignore[attr-defined]
         assert stats.reservations_refused == 1
-        assert stats.refusals["reservations"] == 1
-
-
-async def test_reservations_per_ip_limit() -> None:
-    settings = RelaySettings(max_reservations_per_ip=1)
-    async with relayed_network(settings) as ((validator,), _private, _n), AsyncExitStack() as st:
-        other = await st.enter_async_context(
-            open_node(
-                Identity.generate(),
-                NodeConfig(
-                    bootstrap=[Multiaddr(validator.listen_multiaddrs()[0])],
-                    reachability="private",
-                ),
-            )
-        )
-        async with trio.open_nursery() as nursery:
-            with pytest.raises(NetworkError):
-                await other.make_reachable(nursery)
-        stats = validator.relay_protocol.stats  # type: ignore[attr-defined]
-        assert stats.refusals["reservations_per_ip"] == 1
+        assert stats.refusals == {limit: 1}
 
 
 async def test_private_node_reserves_on_two_validators_and_re_reserves_when_one_goes() -> None:
