@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import accounting, devnet, node, request_path, scale
+from bench import accounting, devnet, nat, node, request_path, scale
 
 
 def main() -> None:
@@ -15,6 +15,7 @@ def main() -> None:
         "accounting": accounting.main,
         "devnet": devnet.main,
         "scale": scale.main,
+        "nat": nat.main,
     }
     for name in sys.argv[1:] or list(suites):
         suites[name]()
