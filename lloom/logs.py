@@ -22,6 +22,10 @@ NOISY_LIBP2P_LOGGERS = (
     "libp2p.stream_muxer",
     "libp2p.protocol_muxer",
     "libp2p.security",
+    # Every failed punch or reservation attempt; lloom logs what it does about them.
+    "libp2p.relay",
+    "libp2p.host.autonat",
+    "libp2p.discovery",
 )
 
 
@@ -38,6 +42,11 @@ def configure_logging(verbosity: int = 0) -> None:
     root.setLevel(logging.WARNING)
     logging.getLogger("lloom").setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
     libp2p_level = logging.DEBUG if verbosity >= 2 else logging.WARNING
-    logging.getLogger("libp2p").setLevel(libp2p_level)
+    libp2p = logging.getLogger("libp2p")
+    libp2p.setLevel(libp2p_level)
+    # py-libp2p's own set-up (at import, without $LIBP2P_DEBUG) detaches its logger from
+    # the root: its records then reached only Python's last-resort handler, and -vv showed
+    # no debug line of it. Through the root they get lloom's format and -vv works.
+    libp2p.propagate = True
     for name in NOISY_LIBP2P_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.CRITICAL)

@@ -44,6 +44,10 @@ MAX_LISTED_MODELS = 64
 #: drawn executors are compared: with as many of this client's requests outstanding, a
 #: direct one wins unless it is more than half busier.
 RELAYED_LOAD = 0.5
+#: Seconds an executor that failed at the network level (dial, timeout, a connection
+#: that died) is not drawn for new requests: a cut cable otherwise cost one stalled
+#: request after another until the next lookup dropped it.
+UNREACHABLE_SECS = 30.0
 #: Seconds an executor that refused a request as busy is not drawn for new requests.
 BUSY_SECS = 1.0
 
@@ -86,8 +90,8 @@ class NetworkClient:
         self._failures: dict[str, LloomError] = {}
         #: Requests running per executor (the first one tried), for spreading.
         self._outstanding: collections.Counter[ID] = collections.Counter()
-        #: When executors last refused a request as busy (not drawn for ``BUSY_SECS``).
-        self._busy: dict[ID, float] = {}
+        #: Until when executors are not drawn for new requests (busy, unreachable).
+        self._benched: dict[ID, float] = {}
         #: Where streamed requests run (set by whoever serves the gateway).
         self.nursery: trio.Nursery | None = None
 
@@ -143,6 +147,8 @@ class NetworkClient:
                 raise NoExecutorError(f"no executor this client may use serves {model!r}")
             failures: dict[ID, str] = {}
             rtts = await measure(self.node, found, failures=failures)
+            for peer in failures:
+                self._note_unreachable(peer)
             if not rtts:
                 # Found, but nobody answered: say so now rather than after a dial timeout
                 # per executor on every request.
@@ -176,10 +182,17 @@ class NetworkClient:
             self._found[model] = (0.0, cached[1], cached[2])
 
     def _note_busy(self, peer: ID) -> None:
-        self._busy[peer] = trio.current_time()
-        if len(self._busy) > 4 * MAX_LISTED_MODELS * 20:  # bounded: drop the stale ones
-            cutoff = trio.current_time() - BUSY_SECS
-            self._busy = {p: t for p, t in self._busy.items() if t > cutoff}
+        self._bench(peer, BUSY_SECS)
+
+    def _note_unreachable(self, peer: ID) -> None:
+        self._bench(peer, UNREACHABLE_SECS)
+
+    def _bench(self, peer: ID, seconds: float) -> None:
+        """Do not draw ``peer`` for the next ``seconds`` (it stays last-resort failover)."""
+        now = trio.current_time()
+        self._benched[peer] = max(self._benched.get(peer, now), now + seconds)
+        if len(self._benched) > 4 * MAX_LISTED_MODELS * 20:  # bounded: drop the stale ones
+            self._benched = {p: t for p, t in self._benched.items() if t > now}
 
     async def _fresh(self, model: str) -> list[PeerInfo]:
         """Executors of ``model`` from a new lookup (for a request whose candidates all
@@ -201,8 +214,8 @@ class NetworkClient:
         now = trio.current_time()
 
         def usable(peer: ID) -> bool:
-            if now - self._busy.get(peer, -BUSY_SECS) < BUSY_SECS:
-                return False  # it just turned a request away
+            if self._benched.get(peer, now) > now:
+                return False  # it just turned a request away, or could not be reached
             mine = seen.get(peer)
             return mine is None or not (mine.bad and mine.unreliability >= UNRELIABLE)
 
@@ -231,6 +244,7 @@ class NetworkClient:
                 book=self.choice.book,
                 more=partial(self._fresh, request.model),
                 on_busy=self._note_busy,
+                on_unreachable=self._note_unreachable,
             )
         except Exception:
             self.forget(request.model)

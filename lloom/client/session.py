@@ -329,13 +329,16 @@ async def request_with_failover(
     book: ExecutorBook | None = None,
     more: MoreExecutors | None = None,
     on_busy: Callable[[ID], None] | None = None,
+    on_unreachable: Callable[[ID], None] | None = None,
 ) -> Result:
     """Try ``candidates`` in order until one answers (see the module docstring); what each
-    one did goes into ``book``, and ``on_busy`` hears of each executor that refused as
-    busy. When the candidates run out, ``more`` (a fresh lookup) is asked once for
+    one did goes into ``book``, ``on_busy`` hears of each executor that refused as busy and
+    ``on_unreachable`` of each that failed at the network level (dial, timeout, a broken
+    connection). When the candidates run out, ``more`` (a fresh lookup) is asked once for
     executors not tried yet."""
     attempt = _Attempts(request, on_chunk, book)
     attempt.on_busy = on_busy
+    attempt.on_unreachable = on_unreachable
     deadline = trio.current_time() + total_timeout if total_timeout else float("inf")
     queue, tried, asked_more = list(candidates), set(), more is None
     try:
@@ -389,6 +392,7 @@ class _Attempts:
         self.replay: Replay | None = None
         self.first_at: float | None = None
         self.on_busy: Callable[[ID], None] | None = None
+        self.on_unreachable: Callable[[ID], None] | None = None
 
     async def forward(self, chunk: dict[str, Any]) -> None:
         """Pass one chunk on (after the replay check of a resumed attempt)."""
@@ -439,11 +443,42 @@ class _Attempts:
                 self.book.failed(peer)
             if isinstance(exc, RemoteError) and exc.code == "busy" and self.on_busy is not None:
                 self.on_busy(info.peer_id)
+            if isinstance(exc, NetworkError) and self.on_unreachable is not None:
+                self.on_unreachable(info.peer_id)
+            if self._complete(before):
+                return self._ended_here(info, exc, before)
             self._failed(peer, exc, before)
             raise _TryNext from None
         if self.book is not None:
             _observe(self.book, result, started, self.first_at)
         return replace(result, earlier=tuple(self.earlier), resumes=len(self.earlier))
+
+    def _complete(self, before: tuple[int, str]) -> bool:
+        """Whether this attempt delivered the end of the answer (its ``finish_reason``):
+        the user has it all, only the executor's final frame is missing."""
+        single = self.request.body.get("n") in (None, 1)
+        return single and self.delivered.finished and self.delivered.chunks > before[0]
+
+    def _ended_here(self, info: PeerInfo, exc: LloomError, before: tuple[int, str]) -> Result:
+        """The result of an answer delivered whole whose executor failed before its final
+        frame (a cut connection): this client's own billing count, and no receipt."""
+        logger.warning(
+            "executor %s failed after the whole answer was delivered (%s); ending it here",
+            info.peer_id,
+            exc,
+        )
+        prompt = billing.prompt_tokens(self.request.kind, self.request.body)
+        part = billing.count(self.delivered.text) - billing.count(before[1])
+        request_id = str(self.delivered.identity.get("id", ""))
+        end = llm.End(request_id, self.request.model, llm.Usage(prompt, max(0, part)))
+        return Result(
+            info.peer_id,
+            end,
+            None,
+            self.delivered.chunks,
+            earlier=tuple(self.earlier),
+            resumes=len(self.earlier),
+        )
 
     def _failed(self, peer: str, exc: LloomError, before: tuple[int, str]) -> None:
         """Note a failed attempt; raise what the caller gets when no other may help."""

@@ -30,8 +30,10 @@ def spread(
 ) -> list[K]:
     """``ranked`` with the executor chosen for the next request first (see the module)."""
     pool = [k for k in ranked if usable(k)]
-    if len(pool) < 2:
+    if not pool:
         return list(ranked)
+    if len(pool) == 1:  # the only usable one goes first, the others stay for failover
+        return [pool[0], *(k for k in ranked if k != pool[0])]
     chooser = rng or random
     a, b = chooser.sample(pool, 2)  # in random order: min keeps the first of equals
 

@@ -88,7 +88,7 @@ class FramedStream:
         except Exception as exc:  # a failed ping: py-libp2p raises assorted types
             raise PeerTimeout(
                 f"peer stopped answering (no frame for {self.probe_every:g} s and "
-                f"no ping answer: {exc or type(exc).__name__})"
+                f"no ping answer: {str(exc) or type(exc).__name__})"
             ) from None
 
     async def write_frame(self, payload: bytes, timeout: float | None = None) -> None:

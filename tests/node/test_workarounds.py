@@ -151,6 +151,29 @@ def test_libp2p_logging_is_configured() -> None:
     configure_logging(0)
 
 
+def test_libp2p_records_reach_lloom_s_handler() -> None:
+    """py-libp2p detaches its logger from the root at import (no $LIBP2P_DEBUG): -vv
+    showed none of its debug lines, and its warnings came out unformatted."""
+    import libp2p.utils.logging as libp2p_logging
+
+    libp2p_logging.setup_logging()  # what importing py-libp2p does
+    configure_logging(2)
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    keep = Keep()
+    logging.getLogger().addHandler(keep)
+    try:
+        logging.getLogger("libp2p.relay.circuit_v2.dcutr").debug("a debug line")
+    finally:
+        logging.getLogger().removeHandler(keep)
+        configure_logging(0)
+    assert [r.getMessage() for r in seen] == ["a debug line"]
+
+
 async def test_trio_checkpoint() -> None:
     await trio.lowlevel.checkpoint()
 

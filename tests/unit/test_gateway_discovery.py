@@ -113,3 +113,19 @@ async def test_an_executor_that_refused_as_busy_is_not_drawn_for_a_second() -> N
     assert busy not in firsts and firsts
     await trio.sleep(core.BUSY_SECS + 0.05)
     assert busy in {g._spread(peers)[0].peer_id for _ in range(200)}
+
+
+async def test_an_unreachable_executor_is_not_drawn_for_half_a_minute(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A cut cable stalled one request after another (10 s each) while the gateway kept
+    drawing the executor at even odds until its next lookup dropped it."""
+    peers = [PeerInfo(Identity.generate().peer_id, []) for _ in range(2)]
+    g = NetworkClient(cast(Node, Unconnected()), None)
+    dead = peers[0].peer_id
+    g._note_unreachable(dead)
+    g._note_busy(dead)  # a shorter bench never shortens a longer one
+    await trio.sleep(core.UNREACHABLE_SECS - 1)
+    assert dead not in {g._spread(peers)[0].peer_id for _ in range(200)}
+    await trio.sleep(2)
+    assert dead in {g._spread(peers)[0].peer_id for _ in range(200)}

@@ -14,7 +14,7 @@ from lloom.node.node import Node
 
 
 class FakeConfig:
-    bootstrap = ["/ip4/127.0.0.1/tcp/1/p2p/validator"]
+    bootstrap = ("/ip4/127.0.0.1/tcp/1/p2p/validator",)
 
 
 class FakeNode:

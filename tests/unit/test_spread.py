@@ -58,3 +58,10 @@ def test_failing_executors_are_not_drawn_and_few_keep_the_ranking() -> None:
         assert order[0] != "bad" and sorted(order) == sorted(ranked)
     assert spread(["only"], {}) == ["only"]
     assert spread(["a", "bad"], {}, usable=lambda k: k != "bad") == ["a", "bad"]
+
+
+def test_the_only_usable_executor_goes_first() -> None:
+    """With one of two executors benched (busy, unreachable), the other is chosen; the
+    benched one stays in the list for failover."""
+    assert spread(["a", "b"], {}, usable=lambda k: k == "b") == ["b", "a"]
+    assert spread(["a", "b"], {}, usable=lambda _: False) == ["a", "b"]
