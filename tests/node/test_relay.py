@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -380,3 +381,19 @@ async def test_circuit_limits_cut_the_circuit(settings: RelaySettings, payload: 
                 await _roundtrip(client, private.peer_id, payload)
         await until(lambda: stats.circuits_cut == 1, timeout=10)
         await until(lambda: client.path_to(private.peer_id) is None, timeout=10)
+
+
+async def test_a_reservation_is_renewed_when_due() -> None:
+    async with relayed_network() as ((validator,), private, _n):
+        keeper = private.reservations
+        assert keeper is not None
+        held = keeper.held[validator.peer_id]
+        # Renewal is due at half the lifetime (1 h by default); make it due now.
+        assert held.renew_at - time.time() > 1000
+        relay = validator.relay_protocol.resource_manager
+        before = relay.get_reservation(private.peer_id).expires_at  # type: ignore[union-attr]
+        held.renew_at = 0
+        assert not await keeper.maintain()  # renewed in place: the addresses are the same
+        assert keeper.held[validator.peer_id].renew_at - time.time() > 1000
+        after = relay.get_reservation(private.peer_id).expires_at  # type: ignore[union-attr]
+        assert after >= before

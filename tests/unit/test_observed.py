@@ -55,3 +55,16 @@ def test_the_book_survives_a_restart(tmp_path: Path) -> None:
     assert a is not None and a.successes == 1 and a.ttft_ms == 100.0 and a.tokens_per_s == 20.0
     assert b is not None and (b.failures, b.refusals) == (1, 1)
     assert (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_a_relayed_executor_goes_after_a_comparable_direct_one() -> None:
+    both = ["relayed", "direct"]
+    relayed = {"relayed"}
+    # Equal measured time: direct first; relayed first only when clearly faster.
+    assert rank(both, {"relayed": 5.0, "direct": 5.0}, {}, relayed=relayed) == [
+        "direct",
+        "relayed",
+    ]
+    assert rank(both, {"relayed": 5.0, "direct": 80.0}, {}, relayed=relayed) == both
+    # Unmeasured: direct ones before relayed ones, each in found order.
+    assert rank(["r1", "d1", "r2", "d2"], {}, {}, relayed={"r1", "r2"}) == ["d1", "d2", "r1", "r2"]
