@@ -21,13 +21,15 @@ help:
 
 # System packages, each installed only when missing: fastecdsa (a py-libp2p dependency)
 # compiles against GMP; the multi-host tests (tests/netns) build network namespaces with
-# ip (iproute2) and NAT routers with nft (nftables), and ping across them (iputils-ping).
+# ip (iproute2) and NAT routers with nft (nftables), ping across them (iputils-ping) and
+# talk to gateways inside them with curl; ss (iproute2) shows their TCP connections.
 sysdeps:
 	@missing=""; \
 	dpkg -s libgmp-dev >/dev/null 2>&1 || missing="$$missing libgmp-dev"; \
 	dpkg -s nftables >/dev/null 2>&1 || missing="$$missing nftables"; \
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	command -v ping >/dev/null 2>&1 || missing="$$missing iputils-ping"; \
+	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing (apt)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a validator spends dialling one address back.
 DIAL_BACK_TIMEOUT = 5.0
+#: Most addresses a validator dials back for one request (a stranger may list hundreds).
+MAX_DIAL_BACKS = 4
 #: Seconds an executor waits for one validator's AutoNAT verdict.
 VERDICT_TIMEOUT = 10.0
 #: Seconds before a validator that refused a reservation is asked again.
@@ -59,7 +61,7 @@ class DialBackAutoNAT(AutoNATService):
 
     async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
         network = self.host.get_network()
-        for raw in addrs:
+        for raw in addrs[:MAX_DIAL_BACKS]:
             try:
                 addr = Multiaddr(raw)
                 if is_circuit(addr):

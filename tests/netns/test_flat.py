@@ -62,7 +62,7 @@ def test_flat_subnet_answers_and_advertises_subnet_addresses(
 
     used: collections.Counter[str] = collections.Counter()
     took = []
-    for i in range(4):
+    for i in range(2):
         start = time.monotonic()
         answer = client_json(procs, chost, boot, MODEL, f"hi {i}")
         took.append(time.monotonic() - start)

@@ -50,9 +50,9 @@ MODEL = "mock-a"
 #: connections every 2 s; the punch itself takes a relay round trip and one dial);
 #: 20 s leaves room for a loaded machine and for two failed punch rounds (5 s + 2 s each).
 DIRECT_BOUND = 20.0
-#: Seconds the path must stay relayed when it cannot be punched: four times the upgrade
-#: time measured when it can.
-RELAYED_HOLD = 8.0
+#: Seconds the path must stay relayed when it cannot be punched: more than twice the
+#: upgrade time measured when it can (two DCUtR rounds).
+RELAYED_HOLD = 5.0
 #: How often ``/v1/models`` is polled.
 POLL_SECS = 0.25
 

@@ -27,7 +27,7 @@ from lloom.dhtkeys import model_key
 from lloom.errors import DialError, NetworkError
 from lloom.identity import Identity
 from lloom.node.node import Node, NodeConfig, open_node
-from lloom.node.reach import Reachability, check_reachability
+from lloom.node.reach import MAX_DIAL_BACKS, Reachability, check_reachability
 from lloom.node.relay import HOP_PROTOCOL_ID, RelaySettings, is_circuit, parse_circuit
 
 pytestmark = pytest.mark.timeout(60)
@@ -248,6 +248,11 @@ async def test_autonat_dial_back_is_honest() -> None:
         )
         nobody = [Multiaddr("/ip4/127.0.0.1/tcp/1")]
         assert await check_reachability(node.host, [validator.peer_id], nobody) is (
+            Reachability.PRIVATE
+        )
+        # A stranger's long list costs the validator at most MAX_DIAL_BACKS dials.
+        many = [Multiaddr(f"/ip4/127.0.0.1/tcp/{port}") for port in range(1, 1 + MAX_DIAL_BACKS)]
+        assert await check_reachability(node.host, [validator.peer_id], many + real) is (
             Reachability.PRIVATE
         )
         # A validator without AutoNAT gives no verdict.
