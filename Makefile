@@ -88,7 +88,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP) npm model lint typecheck
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(PY) -m pytest -m "not e2e and not interop" $(PYTEST_ARGS)
