@@ -82,7 +82,14 @@ class TableReader:
 
 def kind_name(kind: type | tuple[type, ...]) -> str:
     """How an error message names a TOML type."""
-    names = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        list: "a list",
+        dict: "a table",
+        bool: "true or false",
+    }
     if isinstance(kind, tuple):
         return "a number" if set(kind) == {int, float} else " or ".join(names[k] for k in kind)
     return names.get(kind, kind.__name__)
