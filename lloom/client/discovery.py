@@ -13,7 +13,7 @@ from lloom.client.observed import ExecutorBook, Seen
 from lloom.dhtkeys import model_key
 from lloom.errors import DialError, DiscoveryFailed, NetworkError, NoExecutorError
 from lloom.node.dht import dedupe_providers
-from lloom.node.mdns import LanPeer
+from lloom.node.lanrecord import LanPeer
 from lloom.node.node import Node
 
 logger = logging.getLogger(__name__)

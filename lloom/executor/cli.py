@@ -30,7 +30,7 @@ from lloom.executor.server import announce_keys, install, keep_announcing
 from lloom.executor.usage import AsyncUsageStore, UsageStore
 from lloom.httpserver import start_http
 from lloom.identity import Identity
-from lloom.node.mdns import pack_list
+from lloom.node.lanrecord import pack_list
 from lloom.node.node import NodeConfig, open_node
 from lloom.roles import announce_ready, ready_line, run_role, shutdown_signals, wait_for_signal
 from lloom.tokens import ensure_offline_encodings
