@@ -67,16 +67,9 @@ def start_executor(
 ) -> tuple[Proc, ReadyLine]:
     """``lloom-executor --bootstrap-nodes … --config …`` inside ``host``, its config's
     ``[node] listen`` set to ``listen``; its ready line."""
-    root = procs.root / name
-    config = write_config(
-        root / "config.toml", backend_url, models, root / "state", node_extra=node_extra
+    proc, _ = launch_executor(
+        procs, host, name, bootstrap, backend_url, models, node_extra=node_extra, listen=listen
     )
-    text = config.read_text()
-    default = 'listen = ["/ip4/127.0.0.1/tcp/0"]'
-    assert default in text, "write_config changed its listen line"
-    config.write_text(text.replace(default, f'listen = ["{listen}"]'))
-    argv = [script("lloom-executor"), "--bootstrap-nodes", bootstrap, "--config", str(config)]
-    proc = procs.start(name, netns_argv(host, argv))
     return proc, proc.wait_ready()
 
 
@@ -95,19 +88,7 @@ def client_json(
     procs: Processes, host: Host, bootstrap: str, model: str, prompt: str, name: str = "client"
 ) -> dict[str, object]:
     """``lloom-client … --json`` inside ``host``; its JSON answer."""
-    argv = [
-        script("lloom-client"),
-        "--bootstrap-nodes",
-        bootstrap,
-        "--model",
-        model,
-        "--prompt",
-        prompt,
-        "--json",
-        "--timeout",
-        "60",
-    ]
-    done = procs.run(name, netns_argv(host, argv), timeout=90)
+    done = run_client(procs, host, bootstrap, model, prompt, "--json", name=name)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stderr}"
     answer: dict[str, object] = json.loads(done.stdout)
     return answer
@@ -146,12 +127,13 @@ def launch_executor(
     *flags: str,
     extra: str = "",
     node_extra: str = "",
+    listen: str = WILDCARD,
 ) -> tuple[Proc, Path]:
-    """``lloom-executor`` inside ``host`` listening on every interface, config sections
-    ``extra`` (e.g. ``[chain]``) and ``node_extra`` (lines of ``[node]``), ``flags`` after
-    the config (e.g. ``--private-key``, ``-v``). Not awaited: the caller waits for the
-    ready line, or for the exit of an executor that must not start. Returns the process
-    and its state dir (where ``usage.sqlite3`` lives)."""
+    """``lloom-executor`` inside ``host`` listening on ``listen`` (every interface by
+    default), config sections ``extra`` (e.g. ``[chain]``) and ``node_extra`` (lines of
+    ``[node]``), ``flags`` after the config (e.g. ``--private-key``, ``-v``). Not
+    awaited: the caller waits for the ready line, or for the exit of an executor that must
+    not start. Returns the process and its state dir (where ``usage.sqlite3`` lives)."""
     root = procs.root / name
     state = root / "state"
     config = write_config(
@@ -160,7 +142,7 @@ def launch_executor(
     text = config.read_text()
     default = 'listen = ["/ip4/127.0.0.1/tcp/0"]'
     assert default in text, "write_config changed its listen line"
-    config.write_text(text.replace(default, f'listen = ["{WILDCARD}"]'))
+    config.write_text(text.replace(default, f'listen = ["{listen}"]'))
     argv = [
         script("lloom-executor"),
         "--bootstrap-nodes",
