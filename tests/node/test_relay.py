@@ -402,3 +402,29 @@ async def test_a_reservation_is_renewed_when_due() -> None:
         assert keeper.held[validator.peer_id].renew_at - time.time() > 1000
         after = relay.get_reservation(private.peer_id).expires_at  # type: ignore[union-attr]
         assert after >= before
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\xff\xff\xff\xff\x0f",  # a varint length far over the 64 KiB bound
+        b"\x05\x01\x02",  # a short frame, then silence
+        b"\x03\xde\xad\xbe",  # three bytes that are no HopMessage
+    ],
+)
+async def test_garbage_on_a_hop_stream_leaves_the_relay_serving(garbage: bytes) -> None:
+    async with relayed_network() as ((validator,), private, _n), AsyncExitStack() as stack:
+        stranger = await _client(stack, [validator])
+        stream = await stranger.host.new_stream(validator.peer_id, [HOP_PROTOCOL_ID])
+        await stream.write(garbage)
+        with trio.move_on_after(0.5):  # the relay may answer or just close; never hang it
+            with contextlib.suppress(Exception):
+                await stream.read(1024)
+        await stream.reset()
+        # Still relaying: a new client reaches the private node, a reservation still works.
+        client = await _client(stack, [validator])
+        addr = Multiaddr(private.listen_multiaddrs()[0])
+        await client.connect(PeerInfo(private.peer_id, [addr]))
+        assert await _roundtrip(client, private.peer_id) == b"ping"
+        assert private.reservations is not None
+        assert await private.reservations._reserve(private.validator_infos()[0]) is not None
