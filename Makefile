@@ -10,7 +10,7 @@ NODE_STAMP := node_modules/.installed
 INTEROP_STAMP := tests/interop/js/node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test lint typecheck unit bench lock lock-model clean sysdeps npm contract model demo
+.PHONY: help install test lint typecheck unit bench lock lock-model clean sysdeps benchdeps npm contract model demo
 
 help:
 	@echo "make demo   - install everything needed, start a local network on a real small model,"
@@ -102,7 +102,16 @@ $(LITELLM_STAMP):
 	$(LITELLM_VENV)/bin/pip install -q --disable-pip-version-check 'litellm[proxy]==1.108.7'
 	@touch $@
 
-bench: $(STAMP) $(NODE_STAMP) $(MODEL_STAMP) $(LITELLM_STAMP)
+# h2load (nghttp2-client), the HTTP load tool the benchmarks drive the gateway with;
+# installed only when missing, as sysdeps does.
+benchdeps:
+	@if ! command -v h2load >/dev/null 2>&1; then \
+	  echo "installing nghttp2-client (apt)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq nghttp2-client; \
+	fi
+
+bench: $(STAMP) $(NODE_STAMP) $(MODEL_STAMP) $(LITELLM_STAMP) benchdeps
 	$(PY) -m bench
 
 lock: $(STAMP)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import accounting, devnet, nat, node, request_path, scale
+from bench import accounting, devnet, nat, node, request_path, scale, stream
 
 
 def main() -> None:
@@ -16,6 +16,7 @@ def main() -> None:
         "devnet": devnet.main,
         "scale": scale.main,
         "nat": nat.main,
+        "stream": stream.main,
     }
     for name in sys.argv[1:] or list(suites):
         suites[name]()

@@ -9,20 +9,20 @@ a ready line once announced; SIGINT/SIGTERM stop it cleanly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 import trio
 
 from lloom import __version__
 from lloom.cli.common import add_identity_args, identity_from_args, run_main
 from lloom.cli.node_args import add_node_args, settings_from_args
 from lloom.errors import NetworkError
-from lloom.executor.backend import OpenAIBackend
+from lloom.executor.backend import OpenAIBackend, client_shards
 from lloom.executor.config import ExecutorConfig, load_config
 from lloom.executor.handler import Backend, RequestHandler
 from lloom.executor.receipts import ReceiptBook
@@ -74,10 +74,13 @@ async def serve(identity: Identity, config: ExecutorConfig, node_cfg: NodeConfig
             "%d answer(s) were cut off when this executor last stopped; kept as partial usage",
             broken,
         )
-    limits = httpx.Limits(max_connections=config.limits.max_concurrent_requests * 2)
     try:
         with shutdown_signals() as signals:
-            async with httpx.AsyncClient(limits=limits) as http:
+            async with contextlib.AsyncExitStack() as clients:
+                http = [
+                    await clients.enter_async_context(client)
+                    for client in client_shards(config.limits.max_concurrent_requests)
+                ]
                 backends: dict[str, Backend] = {}
                 for spec in config.backends:
                     backend = OpenAIBackend(spec, http)

@@ -11,17 +11,15 @@ response headers sent, so a failure before any token is still a proper HTTP erro
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -36,10 +34,12 @@ from lloom.errors import (
     LloomError,
     RequestTooLarge,
 )
+from lloom.gateway import sse
 from lloom.gateway.errors import ApiError, api_error
 from lloom.gateway.guard import AccessPolicy, Guard, new_request_id
 from lloom.gateway.keys import KeyRing, KeyUsage, Limiter, now
 from lloom.gateway.metrics import Metrics
+from lloom.gateway.sse import EventStream
 from lloom.protocol import llm, openai_body
 from lloom.protocol.safejson import safe_loads
 
@@ -146,6 +146,8 @@ class GatewayApp:
     #: (then one every ``comment_every``), so long prefills do not hit idle timeouts.
     first_token_grace: float = 5.0
     comment_every: float = 5.0
+    #: Seconds without a token after which a started stream gets an SSE comment.
+    ping_every: float = 15.0
 
     def __init__(
         self, gateway: NetworkClient, metrics: Metrics | None = None, access: Access | None = None
@@ -184,13 +186,13 @@ class GatewayApp:
         if self.access.usage is not None:
             self.access.usage.add(name, moment, usage.prompt_tokens, usage.completion_tokens)
 
-    async def chat(self, request: Request) -> Response:
+    async def chat(self, request: Request) -> Response | EventStream:
         """
         summary: Create a chat completion (OpenAI-compatible), streamed or whole.
         """
         return await self._completions(request, llm.RequestKind.CHAT, "chat")
 
-    async def legacy(self, request: Request) -> Response:
+    async def legacy(self, request: Request) -> Response | EventStream:
         """
         summary: Create a text completion (OpenAI-compatible), streamed or whole.
         """
@@ -240,7 +242,7 @@ class GatewayApp:
 
     async def _completions(
         self, request: Request, kind: llm.RequestKind, endpoint: str
-    ) -> Response:
+    ) -> Response | EventStream:
         self.m.requests.labels(endpoint).inc()
         started = time.perf_counter()
         try:
@@ -261,7 +263,7 @@ class GatewayApp:
         data["usage"] = result.end.usage.to_json()
         return JSONResponse(data)
 
-    async def _stream(self, call: _Call, req: llm.Request) -> Response:
+    async def _stream(self, call: _Call, req: llm.Request) -> Response | EventStream:
         send, receive = trio.open_memory_channel[Item](math.inf)
 
         async def produce() -> None:
@@ -287,39 +289,74 @@ class GatewayApp:
         if isinstance(first, BaseException):
             await receive.aclose()
             return _failure(first, self.m)
-        return EventSourceResponse(self._events(call, first, receive), ping=15)
+        return EventStream(self._events(call, first, receive))
 
     async def _events(
         self, call: _Call, first: Item | None, receive: trio.MemoryReceiveChannel[Item]
-    ) -> AsyncIterator[dict[str, str]]:
+    ) -> AsyncGenerator[bytes, None]:
+        """The SSE body: every chunk already waiting goes out in one write."""
         endpoint, started = call.endpoint, call.started
         item = first
         async with receive:
             while item is None:  # a long prefill: keep the connection visibly alive
-                yield {"comment": "waiting for the first token"}
+                yield sse.comment("waiting for the first token")
                 with trio.move_on_after(self.comment_every):
                     item = await receive.receive()
             if not isinstance(item, BaseException):
                 self.m.ttft.labels(endpoint).observe(time.perf_counter() - started)
             while True:
-                if isinstance(item, dict):
-                    yield {"data": json.dumps(item)}
-                elif isinstance(item, Result):
-                    self._charge(call.request, item)
-                    self.m.latency.labels(endpoint).observe(time.perf_counter() - started)
-                    if call.include_usage:
-                        yield {"data": json.dumps(_usage_chunk(item))}
-                    break
-                else:  # an executor failed after tokens were sent: say so in the stream
-                    self.m.errors.labels("partial_response").inc()
-                    logger.info("stream failed after tokens: %s", item)
-                    yield {"data": json.dumps(api_error(item).body())}
-                    break
-                item = await receive.receive()
-        yield {"data": "[DONE]"}
+                out: list[bytes] = []
+                ended = False
+                while not ended:
+                    ended = self._encode(call, item, out)
+                    if ended:
+                        break
+                    try:
+                        item = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                if ended:
+                    out.append(sse.DONE)
+                    yield b"".join(out)
+                    return
+                yield b"".join(out)
+                while True:
+                    try:
+                        waited = await _receive_within(receive, self.ping_every)
+                    except trio.EndOfChannel:  # the producer was cancelled (shutdown)
+                        return
+                    if waited is not None:
+                        break
+                    yield sse.comment("ping")
+                item = waited
+
+    def _encode(self, call: _Call, item: Item, out: list[bytes]) -> bool:
+        """Append ``item``'s SSE bytes to ``out``; True when it ends the stream."""
+        if isinstance(item, dict):
+            out.append(sse.event(item))
+            return False
+        if isinstance(item, Result):
+            self._charge(call.request, item)
+            self.m.latency.labels(call.endpoint).observe(time.perf_counter() - call.started)
+            if call.include_usage:
+                out.append(sse.event(_usage_chunk(item)))
+            return True
+        # an executor failed after tokens were sent: say so in the stream
+        self.m.errors.labels("partial_response").inc()
+        logger.info("stream failed after tokens: %s", item)
+        out.append(sse.event(api_error(item).body()))
+        return True
 
 
 Item = dict[str, Any] | Result | Exception
+
+
+async def _receive_within(receive: trio.MemoryReceiveChannel[Item], seconds: float) -> Item | None:
+    """The next item, or None when none came within ``seconds``."""
+    item: Item | None = None
+    with trio.move_on_after(seconds):
+        item = await receive.receive()
+    return item
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,9 @@
   skipping provider"), which hides js-libp2p executors; a validly signed record for the
   right peer is now accepted even when stale, and only the stale record itself is ignored.
 
+The per-message costs of Yamux and TCP (window updates, coalesced writes, buffered reads)
+are patched in :mod:`lloom.node.muxer`.
+
 The other workarounds (fresh provider lookups, dead-peer removal, provider dedupe) live
 in :mod:`lloom.node.dht` because they are behaviour of our wrapper, not patches.
 """
@@ -34,6 +37,7 @@ from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2 import dcutr as dcutr_module
 from libp2p.stream_muxer.yamux import yamux as yamux_module
 
+from lloom.node import muxer
 from lloom.node.host import apply_dial_fix, expand_addrs
 
 logger = logging.getLogger(__name__)
@@ -157,3 +161,4 @@ def apply_all() -> None:
     punch_from_listen_ports()
     start_lookups_at_servers()
     keep_providers_with_stale_records()
+    muxer.apply_all()

@@ -18,6 +18,7 @@ from libp2p.network.stream.exceptions import StreamEOF, StreamError
 
 from lloom.errors import NetworkError, PeerTimeout
 from lloom.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from lloom.node.muxer import fits_window
 
 #: Bytes asked of the stream per read call.
 READ_CHUNK = 64 * 1024
@@ -96,6 +97,9 @@ class FramedStream:
         data = encode_frame(payload, self.max_write_frame)
         limit = self.read_timeout if timeout is None else timeout
         try:
+            if fits_window(self.stream, len(data)):  # no wait for the peer's credit
+                await self.stream.write(data)
+                return
             with trio.fail_after(limit):
                 await self.stream.write(data)
         except trio.TooSlowError:

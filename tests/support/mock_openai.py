@@ -2,7 +2,7 @@
 
 ``python -m tests.support.mock_openai [--host H] [--port 0] [--reply TEXT] [--no-usage]
 [--delay-ms N] [--chunk-delay-ms N] [--fail-status N] [--inflate-usage K] [--models a,b]
-[--api-key KEY] [--stall-after N]``
+[--api-key KEY] [--stall-after N] [--batch-step-ms N]``
 prints exactly one line, ``ready url=http://HOST:PORT/v1``, once listening (port 0 picks a
 free port; the line has the real one) and stops with exit code 0 on SIGINT or SIGTERM.
 
@@ -16,6 +16,9 @@ waits before answering, ``--chunk-delay-ms`` before each word. Unknown models ge
 completion request with HTTP N, message ``mock failure``. With ``--api-key`` every request
 without ``Authorization: Bearer KEY`` gets 401 ``invalid_api_key``. ``--stall-after N``
 streams N words of an answer and then sends nothing more (an executor stuck mid-answer).
+``--batch-step-ms N`` sends the words of every running stream together, one word each
+every N ms on a shared clock, as a batched inference server (vLLM, llama.cpp with parallel
+slots) emits one token per running sequence at each decoding step.
 
 :func:`build_app` serves the same in-process (e.g. with ``httpx.ASGITransport``); its
 :class:`MockOptions` records what it received, for assertions.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import signal
 import sys
@@ -60,6 +64,8 @@ class MockOptions:
     api_key: str | None = None
     #: Streams stop sending after this many words (and stay open), when set.
     stall_after: int | None = None
+    #: Words of all streams go out together every this many ms (a batched server's steps).
+    batch_step_ms: int = 0
     #: Every completion request body received (parsed), in order.
     seen: list[dict[str, Any]] = field(default_factory=list)
     #: The headers of those requests (lower-case names).
@@ -198,6 +204,9 @@ async def _events(options: MockOptions, answer: _Answer, with_usage: bool) -> As
             await trio.sleep_forever()
         if options.chunk_delay_ms:
             await trio.sleep(options.chunk_delay_ms / 1000)
+        if options.batch_step_ms:
+            step = options.batch_step_ms / 1000
+            await trio.sleep_until((math.floor(trio.current_time() / step) + 1) * step)
         text = {"delta": {"content": piece}} if answer.chat else {"text": piece}
         yield chunk({**text, "finish_reason": None})
     end: dict[str, Any] = {"delta": {}} if answer.chat else {"text": ""}
@@ -289,6 +298,9 @@ def parse_args(argv: list[str] | None) -> tuple[str, int, MockOptions]:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS))
     p.add_argument("--api-key", help="require this bearer token (else 401)")
     p.add_argument("--stall-after", type=int, help="stop streams after N words")
+    p.add_argument(
+        "--batch-step-ms", type=int, default=0, help="send every stream's next word together"
+    )
     a = p.parse_args(argv)
     options = MockOptions(
         reply=a.reply,
@@ -300,6 +312,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, int, MockOptions]:
         models=tuple(m for m in a.models.split(",") if m),
         api_key=a.api_key,
         stall_after=a.stall_after,
+        batch_step_ms=a.batch_step_ms,
     )
     return a.host, a.port, options
 

@@ -356,3 +356,17 @@ async def test_mock_as_a_process_prints_ready_and_exits_0_on_sigterm() -> None:
             await process.wait()
         if process.stdout is not None:
             await process.stdout.aclose()
+
+
+def test_client_shards_bound_each_pool_and_requests_take_them_in_turn() -> None:
+    from lloom.executor.backend import REQUESTS_PER_CLIENT, client_shards
+
+    shards = client_shards(64)
+    assert len(shards) == 64 // REQUESTS_PER_CLIENT
+    assert len(client_shards(1)) == 1 and len(client_shards(10_000)) == 16
+    backend = OpenAIBackend(SPEC, shards)
+    used = [backend.client for _ in range(2 * len(shards))]
+    assert set(map(id, used)) == set(map(id, shards))  # every shard, in turn
+    assert used[: len(shards)] == used[len(shards) :]
+    with pytest.raises(ValueError, match="at least one"):
+        OpenAIBackend(SPEC, [])

@@ -5,9 +5,12 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from lloom.executor.usage import (
     MIGRATIONS,
@@ -163,3 +166,86 @@ def test_open_rows_of_a_dead_process_become_partial(tmp_path: Path) -> None:
         assert store.close_open() == 1
         assert store.state("req-1") == "partial" and store.state("req-2") == "complete"
         assert store.close_open() == 0
+
+
+async def test_rows_stored_at_once_share_transactions_and_each_caller_hears_its_own(
+    tmp_path: Path,
+) -> None:
+    with UsageStore(tmp_path / "u.db") as store:
+        store.record(rec(0))
+        batches: list[int] = []
+        upsert_many = store.upsert_many
+
+        def counted(rows: list[Any]) -> list[bool]:
+            batches.append(len(rows))
+            return upsert_many(rows)
+
+        store.upsert_many = counted  # type: ignore[method-assign]
+        sink = AsyncUsageStore(store)
+        outcomes: dict[int, str] = {}
+
+        async def one(i: int) -> None:
+            try:
+                await sink.record(rec(i), None)
+                outcomes[i] = "stored"
+            except DuplicateUsage:
+                outcomes[i] = "duplicate"
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for i in range(40):
+                    nursery.start_soon(one, i)
+        assert outcomes == {0: "duplicate"} | {i: "stored" for i in range(1, 40)}
+        assert sum(batches) == 40 and len(batches) < 40  # grouped, none lost
+        assert store.count() == 40
+
+
+async def test_a_failed_transaction_fails_every_row_in_it(tmp_path: Path) -> None:
+    with UsageStore(tmp_path / "u.db") as store:
+
+        def broken(rows: list[Any]) -> list[bool]:
+            raise UsageStoreError("disk full")
+
+        store.upsert_many = broken  # type: ignore[method-assign]
+        sink = AsyncUsageStore(store)
+        failures: list[str] = []
+
+        async def one(i: int) -> None:
+            try:
+                await sink.progress(rec(i))
+            except UsageStoreError as exc:
+                failures.append(str(exc))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for i in range(5):
+                    nursery.start_soon(one, i)
+        assert failures == ["disk full"] * 5
+
+
+async def test_callers_cancelled_mid_write_strand_no_row_and_no_other_caller(
+    tmp_path: Path,
+) -> None:
+    with UsageStore(tmp_path / "u.db") as store:
+        upsert_many = store.upsert_many
+
+        def slow(rows: list[Any]) -> list[bool]:
+            time.sleep(0.02)
+            return upsert_many(rows)
+
+        store.upsert_many = slow  # type: ignore[method-assign]
+        sink = AsyncUsageStore(store)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for i in range(10):  # checkpoints of answers that end (are cancelled) at once
+                    scope = trio.CancelScope(deadline=trio.current_time() + 0.01)
+
+                    async def checkpoint(i: int = i, scope: trio.CancelScope = scope) -> None:
+                        with scope:
+                            await sink.progress(rec(i))
+                            await trio.sleep_forever()
+
+                    nursery.start_soon(checkpoint)
+                    await trio.sleep(0.003)
+            await sink.record(rec(99), None)  # the store still works afterwards
+        assert store.count() == 11
