@@ -8,7 +8,10 @@ in front of the same backend; skipped with a note when it cannot be installed.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -37,7 +40,13 @@ QUICK = os.environ.get("LLOOM_BENCH_QUICK") == "1"
 LATENCY_N = 20 if QUICK else 400
 TTFT_N = 20 if QUICK else 200
 THROUGHPUT_REQUESTS = {1: 20, 16: 64, 64: 128} if QUICK else {1: 300, 16: 1500, 64: 2500}
+H2LOAD_REQUESTS = {1: 50, 16: 200, 64: 400} if QUICK else {1: 500, 16: 2000, 64: 4000}
 DISCOVERY_N = 3 if QUICK else 20
+#: A team gateway is one peer to its executors: their per-peer limits are raised to match.
+EXECUTOR_LIMITS = (
+    "[limits]\nmax_concurrent_requests = 256\nmax_requests_per_peer = 256\n"
+    "max_streams_per_peer = 512\n"
+)
 COLD_CLI_N = 2 if QUICK else 8
 LITELLM_VENV = procs.ROOT / "bench" / ".litellm-venv"
 LITELLM_KEY = "sk-bench"
@@ -156,6 +165,30 @@ def cold_cli(boot: str, tmp: Path, n: int) -> list[float]:
     return times
 
 
+def h2load(url: str, concurrency: int, total: int, headers: dict[str, str]) -> dict[str, float]:
+    """Non-streaming requests/s of ``url`` under ``h2load --h1`` (HTTP/1.1, one request at a
+    time per connection), with its succeeded and failed counts; empty without h2load."""
+    exe = shutil.which("h2load")
+    if exe is None:
+        return {}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as body:
+        json.dump(BODY, body)
+        body.flush()
+        argv = [exe, "--h1", "-n", str(total), "-c", str(concurrency), "-m", "1"]
+        argv += ["-H", "content-type: application/json", "-d", body.name]
+        for name, value in headers.items():
+            argv += ["-H", f"{name}: {value}"]
+        out = subprocess.run(
+            [*argv, url + "/chat/completions"], capture_output=True, text=True, check=True
+        ).stdout
+    rps = re.search(r"finished in [^,]+, ([0-9.]+) req/s", out)
+    counts = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    if rps is None or counts is None:
+        raise RuntimeError(f"unexpected h2load output: {out[-500:]}")
+    ok, failed, errored = (int(g) for g in counts.groups())
+    return {"rps": float(rps.group(1)), "ok": ok, "failed": failed + errored}
+
+
 def start_litellm(tmp: Path, backend: str) -> tuple[subprocess.Popen[str] | None, str]:
     """LiteLLM's proxy in front of ``backend``, or (None, reason)."""
     exe = LITELLM_VENV / "bin" / "litellm"
@@ -248,9 +281,7 @@ def main() -> None:
         tmp = Path(tmpdir)
         v_proc, v = procs.validator(tmp)
         m_proc, backend = procs.mock(tmp)
-        e_proc, ex = procs.executor(
-            tmp, v.listen[0], backend, ["mock-a"], "[limits]\nmax_concurrent_requests = 256\n"
-        )
+        e_proc, ex = procs.executor(tmp, v.listen[0], backend, ["mock-a"], EXECUTOR_LIMITS)
         lite_proc, lite = start_litellm(tmp, backend)
         g_proc, gateway_url = procs.gateway(tmp, v.listen[0])
         litellm = lite if lite_proc is not None else None
@@ -259,12 +290,46 @@ def main() -> None:
             idle_rss = procs.rss_mb(e_proc.pid)
             target = info_from_p2p_addr(Multiaddr(ex.listen[0]))
             results = trio.run(measure, v.listen[0], target, backend, litellm, gateway_url)
+            results["h2load"] = h2load_all(backend, litellm, gateway_url)
             cli = cold_cli(v.listen[0], tmp, COLD_CLI_N)
         finally:
             procs.stop(*(p for p in (g_proc, e_proc, m_proc, v_proc, lite_proc) if p is not None))
     body = render(results, cli, idle_rss, litellm is not None, lite)
     write_section("Request path", body)
     print(body)
+
+
+def h2load_all(backend: str, litellm: str | None, gateway: str) -> dict[str, dict[int, Any]]:
+    """``h2load`` at each concurrency against each HTTP path, paths interleaved."""
+    urls: dict[str, tuple[str, dict[str, str]]] = {
+        "direct": (backend, {}),
+        "gateway": (gateway, {}),
+    }
+    if litellm is not None:
+        urls["litellm"] = (litellm, {"authorization": f"Bearer {LITELLM_KEY}"})
+    out: dict[str, dict[int, Any]] = {name: {} for name in urls}
+    for conc, total in H2LOAD_REQUESTS.items():
+        for name, (url, headers) in urls.items():
+            out[name][conc] = h2load(url, conc, total, headers)
+    return out
+
+
+def render_h2load(h2: dict[str, dict[int, Any]]) -> str:
+    """The h2load table, or why there is none."""
+    if not any(h2.values()) or not all(h2[n][c] for n in h2 for c in h2[n]):
+        return "h2load is not installed (`make bench` installs nghttp2-client): not measured."
+    names = list(h2)
+    head = "| concurrency | " + " | ".join(f"{n} req/s (failed)" for n in names)
+    rows = [head + " | gateway / litellm |", "|---" * (len(names) + 2) + "|"]
+    for conc in H2LOAD_REQUESTS:
+        cells = [f"{h2[n][conc]['rps']:.0f} ({h2[n][conc]['failed']})" for n in names]
+        ratio = (
+            f"{h2['gateway'][conc]['rps'] / h2['litellm'][conc]['rps']:.1f}"
+            if "litellm" in h2
+            else "—"
+        )
+        rows.append(f"| {conc} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(rows)
 
 
 def render(r: dict[str, Any], cli: list[float], rss: float, has_lite: bool, lite_note: str) -> str:
@@ -305,6 +370,13 @@ Requests per second (non-streaming) by concurrency (target for lloom at 64: ≥ 
 LiteLLM's):
 
 {chr(10).join(rps_rows)}
+
+Requests per second through HTTP with `h2load --h1` (nghttp2; one request at a time per
+connection, {", ".join(f"{t} requests at {c}" for c, t in H2LOAD_REQUESTS.items())}), every
+HTTP path in turn at each concurrency (target for the gateway at 64: at least 5 times
+LiteLLM's, zero failed):
+
+{render_h2load(r["h2load"])}
 
 Executor idle RSS: {rss:.0f} MiB (target ≤ 120 MB).
 """

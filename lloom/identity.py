@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import coincurve
-from eth_keys.datatypes import PrivateKey as EthPrivateKey
-from eth_keys.datatypes import PublicKey as EthPublicKey
+from eth_hash.auto import keccak
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.secp256k1 import Secp256k1PublicKey, create_new_key_pair
 from libp2p.peer.id import ID
@@ -73,7 +72,8 @@ class Identity:
         parse_private_key(raw.hex())  # range checks
         keypair = create_new_key_pair(raw)
         peer_id = ID.from_pubkey(keypair.public_key)
-        address = EthPrivateKey(raw).public_key.to_checksum_address()
+        point = coincurve.PrivateKey(raw).public_key.format(compressed=False)[1:]
+        address = address_from_point(point)
         return cls(private_key=raw, keypair=keypair, peer_id=peer_id, address=address)
 
     @classmethod
@@ -170,7 +170,21 @@ def address_from_public_key(public_key: bytes) -> str:
         point = coincurve.PublicKey(public_key).format(compressed=False)[1:]
     except ValueError:
         raise IdentityError("not a valid secp256k1 public key") from None
-    return EthPublicKey(point).to_checksum_address()
+    return address_from_point(point)
+
+
+def address_from_point(point: bytes) -> str:
+    """EIP-55 address of a public key given as its 64-byte uncompressed point (x then y):
+    the last 20 bytes of its Keccak-256, each hex letter upper-cased where that nibble of
+    the Keccak-256 of the lower-case hex is 8 or more. What ``eth_keys`` computes, without
+    importing it (with ``eth_utils`` and pydantic, a tenth of a second at every start)."""
+    if len(point) != 64:
+        raise IdentityError("a public key point must be 64 bytes")
+    hex_address = keccak(point)[-20:].hex()
+    nibbles = keccak(hex_address.encode("ascii")).hex()
+    return "0x" + "".join(
+        c.upper() if int(n, 16) >= 8 else c for c, n in zip(hex_address, nibbles[:40], strict=True)
+    )
 
 
 def address_from_peer_id(peer_id: ID | str) -> str:

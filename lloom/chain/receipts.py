@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from eth_utils.address import to_checksum_address
-
 from lloom.errors import ProtocolError
 from lloom.identity import Identity
 
@@ -30,6 +28,14 @@ RECEIPT_TYPE = [
     {"name": "deadline", "type": "uint256"},
 ]
 SECP256K1_HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
+
+
+def to_checksum_address(address: str) -> str:
+    """``address`` in EIP-55 form; raises ``ValueError`` when it is not an address."""
+    # eth_utils (with pydantic) takes a tenth of a second to import: only when needed.
+    from eth_utils.address import to_checksum_address as checksum  # noqa: PLC0415
+
+    return str(checksum(address))
 
 
 @dataclass(frozen=True, slots=True)

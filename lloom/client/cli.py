@@ -9,42 +9,47 @@ another where it can be reproduced (temperature 0 or a seed).
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import sys
-from typing import Any
+from lloom.coldstart import FrozenImports
 
-import trio
+# The collector would traverse py-libp2p's objects over and over while it is imported, and
+# again at exit (lloom.coldstart): paused for these imports, and what they made frozen.
+with FrozenImports():
+    import argparse
+    import json
+    import logging
+    import sys
+    from typing import Any
 
-from lloom import __version__
-from lloom.cli.common import (
-    EXIT_OK,
-    add_identity_args,
-    identity_from_args,
-    run_main,
-)
-from lloom.cli.node_args import add_node_args, settings_from_args
-from lloom.client.network import NetworkClient
-from lloom.client.observed import EXECUTOR_BOOK, ExecutorBook
-from lloom.client.options import (
-    add_chain_args,
-    add_choice_args,
-    choice_from_args,
-    domain_from_args,
-)
-from lloom.client.receipts import Ledger, ReceiptSigner
-from lloom.client.session import Result
-from lloom.errors import (
-    LloomError,
-    NetworkError,
-    PartialResponseError,
-    UsageError,
-)
-from lloom.identity import Identity
-from lloom.logs import configure_logging
-from lloom.node.node import open_node
-from lloom.protocol import llm, openai_body
+    import trio
+
+    from lloom import __version__
+    from lloom.cli.common import (
+        EXIT_OK,
+        add_identity_args,
+        identity_from_args,
+        run_main,
+    )
+    from lloom.cli.node_args import add_node_args, settings_from_args
+    from lloom.client.network import NetworkClient
+    from lloom.client.observed import EXECUTOR_BOOK, ExecutorBook
+    from lloom.client.options import (
+        add_chain_args,
+        add_choice_args,
+        choice_from_args,
+        domain_from_args,
+    )
+    from lloom.client.receipts import Ledger, ReceiptSigner
+    from lloom.client.session import Result
+    from lloom.errors import (
+        LloomError,
+        NetworkError,
+        PartialResponseError,
+        UsageError,
+    )
+    from lloom.identity import Identity
+    from lloom.logs import configure_logging
+    from lloom.node.node import open_node
+    from lloom.protocol import llm, openai_body
 
 logger = logging.getLogger("lloom.client")
 

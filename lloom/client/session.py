@@ -12,6 +12,7 @@ The exchange's rules live in :class:`~lloom.protocol.client_exchange.ClientExcha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -93,12 +94,23 @@ class Result:
 
 
 def stream_path(framed: FramedStream) -> str:
-    """ "relayed" when ``framed`` runs over a relayed connection, else "direct"."""
+    """ "relayed" when ``framed`` runs over a relayed connection, else "direct" (kept on
+    the connection: reading its addresses costs ~0.1 ms, on every request)."""
     try:
-        addrs = framed.stream.muxed_conn.get_transport_addresses()
+        conn = framed.stream.muxed_conn
+    except Exception:  # a stream without a connection: not a circuit
+        return "direct"
+    path = getattr(conn, "_lloom_path", None)
+    if isinstance(path, str):
+        return path
+    try:
+        addrs = conn.get_transport_addresses()
     except Exception:  # a connection type without addresses: not a circuit
         return "direct"
-    return "relayed" if any(is_circuit(a) for a in addrs) else "direct"
+    path = "relayed" if any(is_circuit(a) for a in addrs) else "direct"
+    with contextlib.suppress(AttributeError):  # a connection type that takes no attributes
+        conn._lloom_path = path  # type: ignore[attr-defined]
+    return path
 
 
 async def _open(node: Node, info: PeerInfo, timeout: float) -> FramedStream:

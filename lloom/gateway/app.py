@@ -265,20 +265,32 @@ class GatewayApp:
 
     async def _stream(self, call: _Call, req: llm.Request) -> Response | EventStream:
         send, receive = trio.open_memory_channel[Item](math.inf)
+        live = sse.Live()
+
+        async def deliver(item: Item) -> None:
+            """Hand ``item`` to the response, or, once it caught up, write it."""
+            if not live.direct:
+                await send.send(item)
+                return
+            out: list[bytes] = []
+            ended = self._encode(call, item, out)
+            if ended:
+                out.append(sse.DONE)
+            await live.write(b"".join(out))
+            if ended:
+                live.finish()
 
         async def produce() -> None:
             async with send:
-
-                async def on_chunk(chunk: dict[str, Any]) -> None:
-                    await send.send(chunk)
-
                 try:
-                    await send.send(await self.gateway.run(req, on_chunk))
+                    await deliver(await self.gateway.run(req, deliver))
                 except trio.BrokenResourceError:
                     pass  # the HTTP client went away
                 except Exception as exc:  # runs in the gateway's nursery: never let it out
                     with contextlib.suppress(trio.BrokenResourceError):
-                        await send.send(exc)
+                        await deliver(exc)
+                finally:
+                    live.finish()
 
         if self.gateway.nursery is None:
             raise RuntimeError("the gateway's nursery is not set")
@@ -289,13 +301,17 @@ class GatewayApp:
         if isinstance(first, BaseException):
             await receive.aclose()
             return _failure(first, self.m)
-        return EventStream(self._events(call, first, receive))
+        return EventStream(self._events(call, first, receive, live), live)
 
     async def _events(
-        self, call: _Call, first: Item | None, receive: trio.MemoryReceiveChannel[Item]
+        self,
+        call: _Call,
+        first: Item | None,
+        receive: trio.MemoryReceiveChannel[Item],
+        live: sse.Live,
     ) -> AsyncGenerator[bytes, None]:
-        """The SSE body: every chunk already waiting goes out in one write."""
-        endpoint, started = call.endpoint, call.started
+        """The SSE body: what waited goes out in one write; once nothing waits, the
+        producer writes the rest itself (``live.direct``) and this only sends pings."""
         item = first
         async with receive:
             while item is None:  # a long prefill: keep the connection visibly alive
@@ -303,32 +319,27 @@ class GatewayApp:
                 with trio.move_on_after(self.comment_every):
                     item = await receive.receive()
             if not isinstance(item, BaseException):
-                self.m.ttft.labels(endpoint).observe(time.perf_counter() - started)
+                self.m.ttft.labels(call.endpoint).observe(time.perf_counter() - call.started)
             while True:
                 out: list[bytes] = []
-                ended = False
-                while not ended:
-                    ended = self._encode(call, item, out)
-                    if ended:
-                        break
-                    try:
-                        item = receive.receive_nowait()
-                    except trio.WouldBlock:
-                        break
+                ended = self._encode(call, item, out)
                 if ended:
                     out.append(sse.DONE)
-                    yield b"".join(out)
-                    return
                 yield b"".join(out)
-                while True:
-                    try:
-                        waited = await _receive_within(receive, self.ping_every)
-                    except trio.EndOfChannel:  # the producer was cancelled (shutdown)
-                        return
-                    if waited is not None:
-                        break
-                    yield sse.comment("ping")
-                item = waited
+                if ended:
+                    return
+                try:
+                    item = receive.receive_nowait()
+                except trio.WouldBlock:  # caught up: the producer writes from now on
+                    live.direct = True
+                    break
+                except trio.EndOfChannel:  # the producer was cancelled (shutdown)
+                    return
+        while not live.done.is_set():
+            with trio.move_on_after(self.ping_every):
+                await live.done.wait()
+            if not live.done.is_set():
+                await live.write(sse.comment("ping"))
 
     def _encode(self, call: _Call, item: Item, out: list[bytes]) -> bool:
         """Append ``item``'s SSE bytes to ``out``; True when it ends the stream."""
@@ -349,14 +360,6 @@ class GatewayApp:
 
 
 Item = dict[str, Any] | Result | Exception
-
-
-async def _receive_within(receive: trio.MemoryReceiveChannel[Item], seconds: float) -> Item | None:
-    """The next item, or None when none came within ``seconds``."""
-    item: Item | None = None
-    with trio.move_on_after(seconds):
-        item = await receive.receive()
-    return item
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetConn
 from libp2p.host.ping import PingService
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -266,7 +266,25 @@ async def _close_host(host: IHost) -> None:
     """Close every connection and listener, even while being cancelled. py-libp2p's
     ``host.run`` leaves connections open on exit; peers would only notice much later."""
     with trio.CancelScope(shield=True), trio.move_on_after(5):
+        await close_connections(host)
         await host.close()
+
+
+async def close_connections(host: IHost) -> None:
+    """Close every connection of ``host`` at once. py-libp2p's ``host.close`` closes them
+    one after another and each close sleeps 0.2 s (0.1 s in Yamux, 0.1 s in the swarm's
+    cleanup): 0.4 s for a client's two connections, and a validator's hundreds were cut off
+    by the 5 s bound. At once, all of them take those 0.2 s together."""
+
+    async def close(conn: INetConn) -> None:
+        try:
+            await conn.close()
+        except Exception as exc:  # as py-libp2p's own close: report, go on with the rest
+            logger.warning("error closing a connection to %s: %s", conn.muxed_conn.peer_id, exc)
+
+    async with trio.open_nursery() as nursery:
+        for conn in host.get_network().get_connections():
+            nursery.start_soon(close, conn)
 
 
 def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

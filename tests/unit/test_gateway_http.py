@@ -244,3 +244,79 @@ async def test_a_slow_first_token_starts_the_stream_with_a_comment() -> None:
         assert data[-1] == "data: [DONE]" and len(data) == 3
 
     await with_nursery(fake, body)
+
+
+class SlowStream(FakeGateway):
+    """Streams ``words`` chunks ``gap`` s apart; notes how its run ended."""
+
+    def __init__(self, words: int, gap: float) -> None:
+        super().__init__()
+        self.words, self.gap = words, gap
+        self.ended = trio.Event()
+        self.outcome = ""
+
+    async def run(
+        self,
+        request: llm.Request,
+        on_chunk: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    ) -> Result:
+        assert on_chunk is not None
+        try:
+            for i in range(self.words):
+                await on_chunk({"choices": [{"index": 0, "delta": {"content": f"w{i} "}}]})
+                await trio.sleep(self.gap)
+            self.outcome = "complete"
+        except trio.BrokenResourceError:
+            self.outcome = "stopped: the client went away"
+            raise
+        finally:
+            self.ended.set()
+        return Result(EXECUTOR, llm.End("r1", request.model, llm.Usage(5, 2)), None, self.words)
+
+
+async def serve_fake(fake: FakeGateway, nursery: trio.Nursery) -> str:
+    from lloom.httpserver import start_http
+
+    fake.nursery = nursery
+    bound = await start_http(nursery, app(fake).app, "127.0.0.1", 0)
+    return f"http://{bound}"
+
+
+async def test_chunks_after_the_first_are_written_by_the_producer_in_order() -> None:
+    fake = SlowStream(words=30, gap=0.01)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await serve_fake(fake, nursery)
+            streamed = BODY | {"stream": True, "stream_options": {"include_usage": True}}
+            async with (
+                httpx.AsyncClient(base_url=url) as http,
+                http.stream("POST", "/v1/chat/completions", json=streamed) as answer,
+            ):
+                assert answer.headers["content-type"].startswith("text/event-stream")
+                data = [line async for line in answer.aiter_lines() if line.startswith("data: ")]
+            nursery.cancel_scope.cancel()
+    words = [json.loads(d[6:])["choices"][0]["delta"]["content"] for d in data[:30]]
+    assert words == [f"w{i} " for i in range(30)]
+    assert json.loads(data[30][6:])["usage"]["total_tokens"] == 7  # include_usage
+    assert data[31:] == ["data: [DONE]"] and fake.outcome == "complete"
+
+
+async def test_a_client_that_goes_away_mid_stream_stops_the_request() -> None:
+    fake = SlowStream(words=1000, gap=0.02)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await serve_fake(fake, nursery)
+            host, port = url.removeprefix("http://").rsplit(":", 1)
+            body = json.dumps(BODY | {"stream": True}).encode()
+            head = (
+                f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+            )
+            received = b""
+            async with await trio.open_tcp_stream(host, int(port)) as sock:
+                await sock.send_all(head.encode() + body)
+                while received.count(b"data: ") < 5:  # some chunks, then hang up
+                    received += await sock.receive_some()
+            await fake.ended.wait()
+            nursery.cancel_scope.cancel()
+    assert fake.outcome == "stopped: the client went away"

@@ -15,6 +15,8 @@ from lloom.identity import (
     SECP256K1_N,
     Identity,
     address_from_peer_id,
+    address_from_point,
+    address_from_public_key,
     load_identity,
     parse_private_key,
 )
@@ -38,6 +40,23 @@ def test_address_from_remote_peer_id() -> None:
     assert address_from_peer_id(PEER0) == ADDR0
     fresh = Identity.generate()
     assert address_from_peer_id(fresh.peer_id) == fresh.address
+
+
+def test_addresses_are_what_eth_keys_computes() -> None:
+    # lloom derives EIP-55 addresses itself (eth_keys costs 0.1 s of every start).
+    from eth_keys.datatypes import PrivateKey
+
+    for _ in range(200):
+        ident = Identity.generate()
+        public = PrivateKey(ident.private_key).public_key
+        assert ident.address == public.to_checksum_address()
+        assert address_from_public_key(public.to_compressed_bytes()) == ident.address
+        assert address_from_public_key(b"\x04" + public.to_bytes()) == ident.address
+
+
+def test_address_from_point_needs_64_bytes() -> None:
+    with pytest.raises(IdentityError, match="64 bytes"):
+        address_from_point(bytes(33))
 
 
 def test_address_from_non_secp256k1_peer_id() -> None:
