@@ -9,6 +9,11 @@
 - :func:`punch_from_listen_ports`: DCUtR takes the ports to punch from ``host.get_addrs()``;
   an executor behind NAT advertises only relayed addresses there, so it offered nothing to
   punch to. The ports are read from the node's listeners instead.
+- :func:`release_inbound_slots`: an inbound connection held one of the swarm's inbound
+  slots (``max_connections - min_connections``, 250 by default) until the whole swarm
+  stopped, not until the connection closed: after its 250th inbound connection in its
+  lifetime, with two still open, an executor refused every new one. The slot is now
+  given back when the connection closes.
 - :func:`keep_providers_with_stale_records`: a provider (or a DHT response) whose signed
   peer record is *older* than one already held was dropped ("invalid-signed-record,
   skipping provider"), which hides js-libp2p executors; a validly signed record for the
@@ -23,15 +28,19 @@ in :mod:`lloom.node.dht` because they are behaviour of our wrapper, not patches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
-from typing import Any
+from typing import Any, cast
 
 import libp2p.kad_dht.provider_store as provider_store_module
 import trio
+from libp2p.abc import IMuxedConn
 from libp2p.kad_dht import peer_routing
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.kad_dht.utils import maybe_consume_signed_record as original_consume
+from libp2p.network import swarm as swarm_module
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.envelope import consume_envelope
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2 import dcutr as dcutr_module
@@ -139,6 +148,49 @@ def close_dead_connections() -> None:
     yamux_module.Yamux._measure_rtt_loop = _keepalive_loop  # type: ignore[method-assign]
 
 
+_original_inbound = swarm_module.Swarm._do_handle_inbound_connection
+
+
+async def _until_closed(swarm: Any, muxed: Any) -> None:
+    """Wait until ``muxed`` (a connection) closes, or the swarm stops."""
+    closed = getattr(muxed, "event_closed", None)
+    if isinstance(closed, trio.Event):
+        await closed.wait()
+    else:  # a muxer without the event: py-libp2p's own barrier
+        await swarm.manager.wait_finished()
+
+
+async def _handle_inbound(
+    self: Any, read_write_closer: Any, maddr: Any, failure_event: Any
+) -> None:
+    """``Swarm._do_handle_inbound_connection`` whose handler (and inbound slot) lasts as
+    long as its connection, not as long as the swarm. Pre-multiplexed transports (QUIC)
+    keep py-libp2p's own path."""
+    if isinstance(read_write_closer, IMuxedConn):
+        await _original_inbound(self, cast(Any, read_write_closer), maddr, failure_event)
+        return
+    remote = self._build_remote_multiaddr(read_write_closer)
+    if remote is not None and not await self.connection_gate.is_allowed(remote):
+        logger.debug("inbound connection from %s denied by the connection gate", remote)
+        with contextlib.suppress(Exception):
+            await read_write_closer.close()
+        return
+    raw_conn = None
+    try:
+        raw_conn = RawConnection(read_write_closer, False)
+        muxed = await self.upgrade_inbound_raw_conn(raw_conn, maddr)
+        await _until_closed(self, muxed)  # trio's listener closes the socket on return
+    except Exception as exc:  # as py-libp2p: the connection failed, close what is left
+        logger.debug("inbound connection failed: %s", exc)
+        with contextlib.suppress(Exception):
+            await (raw_conn if raw_conn is not None else read_write_closer).close()
+
+
+def release_inbound_slots() -> None:
+    """Install :func:`_handle_inbound` on every swarm."""
+    swarm_module.Swarm._do_handle_inbound_connection = _handle_inbound  # type: ignore[method-assign]
+
+
 def _listen_ports(host: Any) -> list[tuple[int, str, int]]:
     """Our TCP listen addresses as DCUtR wants them: (family, ip, port)."""
     out: list[tuple[int, str, int]] = []
@@ -161,4 +213,5 @@ def apply_all() -> None:
     punch_from_listen_ports()
     start_lookups_at_servers()
     keep_providers_with_stale_records()
+    release_inbound_slots()
     muxer.apply_all()

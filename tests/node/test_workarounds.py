@@ -244,3 +244,21 @@ def test_lookups_start_from_the_routing_table_only() -> None:
 
     apply_all()
     assert peer_routing.MIN_PEERS_THRESHOLD == 0
+
+
+async def test_an_inbound_slot_comes_back_when_its_connection_closes() -> None:
+    """py-libp2p kept each inbound connection's slot until the whole swarm stopped: after
+    its 250th inbound connection in its lifetime an executor refused every new one."""
+    async with open_node(Identity.generate(), NodeConfig()) as server:
+        server.host.get_network()._inbound_limiter = trio.CapacityLimiter(3)  # type: ignore[attr-defined]
+        info = info_from_p2p_addr(Multiaddr(server.listen_multiaddrs()[0]))
+        with trio.fail_after(30):
+            for _ in range(8):  # more connections in turn than there are slots
+                async with open_node(Identity.generate(), NodeConfig()) as client:
+                    await client.connect(info)
+                    await client.ping(server.peer_id)
+                while server.host.get_network().get_connections(client.peer_id):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            limiter = server.host.get_network()._inbound_limiter  # type: ignore[attr-defined]
+            while limiter.borrowed_tokens:  # noqa: ASYNC110 - no event for a released slot
+                await trio.sleep(0.01)
