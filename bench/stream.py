@@ -248,11 +248,19 @@ def summary(r: dict[str, Any]) -> dict[str, float]:
 
 
 def main() -> None:
-    """Run the streaming-capacity benchmark and write its section."""
-    results = measure()
-    body = render(results)
+    """Run the streaming-capacity benchmark (batched backend with the saturation levels,
+    then the timer backend at ``CONCURRENCY``) and write its section."""
+    batched = measure("batched")
+    timer = measure("timer", [])
+    body = render(batched) + "\n" + render_table(timer, TIMER_TITLE)
     write_section("Streaming capacity", body)
     print(body)
+
+
+TIMER_TITLE = (
+    "The same with a timer per stream instead of shared steps (each answer's words 20 ms "
+    "apart, streams drifting apart; the issue's original measurement):"
+)
 
 
 def _errors(r: dict[str, Any]) -> str:
@@ -273,7 +281,8 @@ def _cpu(r: dict[str, Any], names: tuple[str, ...]) -> str:
 LLOOM_PROCS = ("executor", "gateway", "load", "validator")
 
 
-def render(r: dict[str, Any]) -> str:
+def render_table(r: dict[str, Any], title: str = "") -> str:
+    """The paths at ``CONCURRENCY`` as a table (with ``title`` above it)."""
     direct = summary(r["direct"])
     rows = [
         "| path | chunks/s delivered | vs direct | time per answer ms (ideal "
@@ -297,6 +306,11 @@ def render(r: dict[str, Any]) -> str:
             f"| {s['ttft_ms']:.1f} | {s['ttft_p50_ms'] - direct['ttft_p50_ms']:.1f} "
             f"| {_errors(r[name])} | {_cpu(r[name], procs_shown)} |"
         )
+    return (title + "\n\n" if title else "") + "\n".join(rows) + "\n"
+
+
+def render(r: dict[str, Any]) -> str:
+    """The section: the batched run's table and its saturation levels."""
     sat = [
         "| callers | path | chunks/s delivered | time per answer ms | errors "
         "| CPU s/s of the relay processes | chunks/s per core |",
@@ -320,9 +334,10 @@ def render(r: dict[str, Any]) -> str:
             )
     note = f"\n**LiteLLM not measured:** {r['litellm_note']}\n" if "litellm_note" in r else ""
     return f"""
-One mock backend sending one word every {TOKEN_MS} ms ({WORDS + 1} content chunks an answer),
-{CONCURRENCY} answers streaming at once (closed loop), a {SECS:g} s window after a {WARM:g} s
-warm-up, paths one after another in one run. direct = load client -> backend; library =
+One mock backend sending one word every {TOKEN_MS} ms ({WORDS + 1} content chunks an answer)
+on a shared clock, as a batched inference server emits one token for every running sequence
+at each decoding step (`--batch-step-ms`), {CONCURRENCY} answers streaming at once (closed
+loop), a {SECS:g} s window after a {WARM:g} s warm-up, paths one after another in one run. direct = load client -> backend; library =
 lloom's client library (`NetworkClient`, in its own process) -> executor -> backend;
 gateway = load client -> `lloom-client gateway` -> executor -> backend; litellm = load
 client -> LiteLLM proxy (1 worker) -> backend. The HTTP load client is `bench/sse_load.py`
@@ -330,7 +345,7 @@ client -> LiteLLM proxy (1 worker) -> backend. The HTTP load client is `bench/ss
 user + system time in the window, per 1,000 content chunks delivered (`load` = the
 library worker, i.e. the client library's own cost).
 {note}
-{chr(10).join(rows)}
+{render_table(r)}
 
 Saturation: more callers at the same {TOKEN_MS} ms per word, until delivery stops keeping
 up. "chunks/s per core" = delivered chunks/s divided by the CPU s/s of the busiest relay

@@ -58,15 +58,15 @@ class Live:
         self.done = trio.Event()
         self.gone = False
         self._send: Any = None
-        self._lock = trio.Lock()
 
     async def write(self, data: bytes) -> None:
-        """Write SSE bytes to the connection; ``trio.BrokenResourceError`` when the client
-        went away."""
-        async with self._lock:
-            if self.gone or self._send is None:
-                raise trio.BrokenResourceError("the HTTP client went away")
-            await self._send({"type": "http.response.body", "body": data, "more_body": True})
+        """Write SSE bytes (whole events) to the connection; ``trio.BrokenResourceError``
+        when the client went away. Writes need no lock of their own: the server sends each
+        ASGI message whole (hypercorn serialises them on the socket), and the only other
+        writer, a ping, is a whole comment."""
+        if self.gone or self._send is None:
+            raise trio.BrokenResourceError("the HTTP client went away")
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     def finish(self) -> None:
         """The producer is done (whichever way)."""
@@ -89,8 +89,8 @@ class EventStream:
                 await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
                 self.live._send = send
                 await self._relay(send)
-                async with self.live._lock:  # after a write the producer may still be making
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # The body ended: the producer's last write (if it wrote) is done.
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
                 nursery.cancel_scope.cancel()
         finally:
             self.live.gone = True
