@@ -334,16 +334,17 @@ def render(r: dict[str, Any]) -> str:
             )
     note = f"\n**LiteLLM not measured:** {r['litellm_note']}\n" if "litellm_note" in r else ""
     return f"""
-One mock backend sending one word every {TOKEN_MS} ms ({WORDS + 1} content chunks an answer)
-on a shared clock, as a batched inference server emits one token for every running sequence
-at each decoding step (`--batch-step-ms`), {CONCURRENCY} answers streaming at once (closed
-loop), a {SECS:g} s window after a {WARM:g} s warm-up, paths one after another in one run. direct = load client -> backend; library =
-lloom's client library (`NetworkClient`, in its own process) -> executor -> backend;
-gateway = load client -> `lloom-client gateway` -> executor -> backend; litellm = load
-client -> LiteLLM proxy (1 worker) -> backend. The HTTP load client is `bench/sse_load.py`
-(aiohttp, own process). Every process shares the machine's 2 cores. CPU is each process's
-user + system time in the window, per 1,000 content chunks delivered (`load` = the
-library worker, i.e. the client library's own cost).
+One mock backend sending one word every {TOKEN_MS} ms ({WORDS + 1} content chunks an
+answer) on a shared clock, as a batched inference server emits one token for every running
+sequence at each decoding step (`--batch-step-ms`); {CONCURRENCY} answers streaming at once
+(closed loop); a {SECS:g} s window after a {WARM:g} s warm-up; paths one after another in
+one run. direct = load client -> backend; library = lloom's client library
+(`NetworkClient`, in its own process) -> executor -> backend; gateway = load client ->
+`lloom-client gateway` -> executor -> backend; litellm = load client -> LiteLLM proxy
+(1 worker) -> backend. The HTTP load client is `bench/sse_load.py` (aiohttp, own process).
+Every process shares the machine's 2 cores. CPU is each process's user + system time in
+the window, per 1,000 content chunks delivered (`load` = the library worker, i.e. the
+client library's own cost).
 {note}
 {render_table(r)}
 
