@@ -109,6 +109,16 @@ class Limits:
     checkpoint_secs: float = 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A request served but not yet ended: its usage record (not yet stored), the
+    backend's own usage report, and a whole response's frame still to send."""
+
+    record: UsageRecord
+    backend_usage: llm.Usage | None
+    response: bytes | None = None
+
+
 class RequestHandler:
     """Serves ``/lloom/llm/1.0.0`` requests with a set of backends.
 
@@ -230,10 +240,10 @@ class RequestHandler:
                     f"executor busy ({self.limits.max_concurrent_requests} requests running)",
                 ) from None
             try:
-                record, backend_usage = await self._run(framed, exchange, backend, client_address)
+                served = await self._run(framed, exchange, backend, client_address)
             finally:
                 self._slots.release()
-        return await self._finish(framed, exchange, record, backend_usage)
+        return await self._finish(framed, exchange, served)
 
     async def _run(
         self,
@@ -241,7 +251,7 @@ class RequestHandler:
         exchange: ExecutorExchange,
         backend: Backend,
         client_address: str,
-    ) -> tuple[UsageRecord, llm.Usage | None]:
+    ) -> Served:
         """Serve one admitted request (a slot held)."""
         if self.receipts is not None and await self.receipts.blocked(client_address):
             raise Refused(
@@ -284,9 +294,10 @@ class RequestHandler:
         exchange: ExecutorExchange,
         backend: Backend,
         client: str,
-    ) -> tuple[UsageRecord, llm.Usage | None]:
-        """Stream the answer; return the usage record (not yet stored) and the backend's
-        own usage report. What a broken-off stream delivered is stored as partial usage."""
+    ) -> Served:
+        """Stream the answer, or make the whole response's frame; return them with the
+        usage record (not yet stored) and the backend's own usage report. What a broken-off
+        stream delivered is stored as partial usage."""
         assert exchange.current is not None
         request = exchange.current.request
         started = time.time()
@@ -306,10 +317,11 @@ class RequestHandler:
 
         try:
             with trio.fail_after(self.limits.request_timeout_secs):
+                response: bytes | None = None
                 if request.stream:
                     backend_usage = await self._stream(framed, exchange, backend, record)
                 else:
-                    backend_usage = await self._complete(framed, exchange, backend)
+                    backend_usage, response = await self._complete(exchange, backend)
         except trio.TooSlowError:
             await self._keep_partial(exchange, record)
             raise BackendTimeout(
@@ -324,7 +336,7 @@ class RequestHandler:
         self.metrics.tokens.labels(request.model, "prompt").inc(rec.prompt_tokens)
         self.metrics.tokens.labels(request.model, "completion").inc(rec.completion_tokens)
         self.metrics.latency.labels(request.model).observe(time.time() - started)
-        return rec, backend_usage
+        return Served(rec, backend_usage, response)
 
     async def _keep_partial(
         self, exchange: ExecutorExchange, record: Callable[[], UsageRecord]
@@ -345,39 +357,40 @@ class RequestHandler:
             )
 
     async def _finish(
-        self,
-        framed: FramedStream,
-        exchange: ExecutorExchange,
-        record: UsageRecord,
-        backend_usage: llm.Usage | None,
+        self, framed: FramedStream, exchange: ExecutorExchange, served: Served
     ) -> list[Event]:
         """Store the usage, end the request and collect its receipt, one request of a
         channel (client, model) at a time: each receipt asked adds to the last one signed,
-        so two requests whose ends crossed can never ask for overlapping totals. Returns the
-        events of a next request that arrived in place of a receipt."""
+        so two requests whose ends crossed can never ask for overlapping totals. A whole
+        response goes out with the ``end`` frame, in one write (the client needs both
+        before it is done). Returns the events of a next request that arrived in place of a
+        receipt."""
+        record = served.record
         async with self._channels.one_at_a_time((record.client_address, record.model)):
             asked = None
             if self.receipts is not None:
                 asked = await self.receipts.request_for(record)
             await self.usage.record(record, asked)
             usage = llm.Usage(record.prompt_tokens, record.completion_tokens)
-            end = llm.End(record.request_id, record.model, usage, backend_usage, asked)
-            await framed.write_frame(exchange.send_end(end))
+            end = llm.End(record.request_id, record.model, usage, served.backend_usage, asked)
+            frames = [] if served.response is None else [served.response]
+            await framed.write_frames([*frames, exchange.send_end(end)])
             if asked is None:
                 return []
             return await self._collect_receipt(framed, exchange, record, asked)
 
     async def _complete(
-        self, framed: FramedStream, exchange: ExecutorExchange, backend: Backend
-    ) -> llm.Usage | None:
+        self, exchange: ExecutorExchange, backend: Backend
+    ) -> tuple[llm.Usage | None, bytes]:
+        """The backend's whole answer: its usage report and the response frame (sent
+        with ``end``)."""
         assert exchange.current is not None
         request = exchange.current.request
         if request.kind is RequestKind.CHAT:
             data = await backend.chat(request.body)
         else:
             data = await backend.completions(request.body)
-        await framed.write_frame(exchange.send_response(data))
-        return _maybe_usage(data.get("usage"))
+        return _maybe_usage(data.get("usage")), exchange.send_response(data)
 
     async def _stream(
         self,

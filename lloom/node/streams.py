@@ -94,7 +94,12 @@ class FramedStream:
 
     async def write_frame(self, payload: bytes, timeout: float | None = None) -> None:
         """Write one frame; raises :class:`NetworkError` if the stream is gone."""
-        data = encode_frame(payload, self.max_write_frame)
+        await self.write_frames([payload], timeout)
+
+    async def write_frames(self, payloads: list[bytes], timeout: float | None = None) -> None:
+        """Write frames in order, in one write of the stream (one Yamux frame when they
+        fit); raises :class:`NetworkError` if the stream is gone."""
+        data = b"".join(encode_frame(p, self.max_write_frame) for p in payloads)
         limit = self.read_timeout if timeout is None else timeout
         try:
             if fits_window(self.stream, len(data)):  # no wait for the peer's credit

@@ -335,3 +335,29 @@ async def test_receipts_are_checked_kept_and_required(tmp_path: Path) -> None:
     assert asked is not None and (asked.prompt_total, asked.completion_total) == (2 * HI, 2)
     assert asked.previous is not None and asked.previous.prompt_total == HI
     store.close()
+
+
+async def test_a_whole_response_goes_out_with_its_end_in_one_write_after_it_is_stored() -> None:
+    writes: list[bytes] = []
+    stored_before_write: list[bool] = []
+    sink = ListSink()
+
+    class Recording(MemoryNetStream):
+        async def write(self, data: bytes) -> None:
+            writes.append(data)
+            stored_before_write.append(bool(sink.records))
+            await super().write(data)
+
+    a, b = trio.testing.memory_stream_pair()
+    server = FramedStream(Recording(a), read_timeout=5)  # type: ignore[arg-type]
+    client = FramedStream(MemoryNetStream(b), read_timeout=5)  # type: ignore[arg-type]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handler(FakeBackend(["a ", "b"]), sink).handle, server, CLIENT)
+            await client.write_frame(chat(False))
+            await b.send_eof()
+            answers = []
+            while (frame := await client.read_frame()) is not None:
+                answers.append(llm.decode(frame))
+    assert [type(m).__name__ for m in answers] == ["Response", "End"]
+    assert len(writes) == 1 and stored_before_write == [True]  # durable before the answer
