@@ -87,12 +87,14 @@ class _Batch:
 class _Writer:
     """The write side of one Yamux connection (kept on it as ``_lloom_writer``)."""
 
-    __slots__ = ("broken", "next", "queue", "writing")
+    __slots__ = ("broken", "next", "queue", "writing", "written")
 
     def __init__(self) -> None:
         self.queue: list[bytes] = []
         self.next = _Batch()
         self.writing = False
+        #: Set (and replaced) after every write: the next batch's callers go on.
+        self.written = trio.Event()
         self.broken: BaseException | None = None
 
 
@@ -111,7 +113,11 @@ def _log_frame(conn: Any, data: bytes) -> None:
 
 
 async def _write_frame(self: Any, data: bytes) -> None:
-    """``Yamux._write_frame`` as a group commit (see the module docstring)."""
+    """``Yamux._write_frame`` as a group commit (see the module docstring): the frame joins
+    the queue; whoever finds no write under way writes the whole queue, one batch, and
+    the callers of the next batch take their turn after it (no caller writes the others'
+    frames for longer than its own batch). A caller cancelled while its frame is still
+    queued takes it back, as py-libp2p's lock wait did."""
     if len(data) >= yamux_module.HEADER_SIZE and _yamux_logger.isEnabledFor(logging.DEBUG):
         _log_frame(self, data)
     writer: _Writer | None = getattr(self, "_lloom_writer", None)
@@ -121,23 +127,34 @@ async def _write_frame(self: Any, data: bytes) -> None:
         raise ConnectionClosedError(f"connection broken by an earlier write: {writer.broken}")
     writer.queue.append(data)
     mine = writer.next
-    if writer.writing:  # the task writing now takes our frame in its next write
-        await mine.done.wait()
-        if mine.error is not None:
-            raise mine.error
-        return
-    writer.writing = True
     try:
-        while writer.queue:
-            batch, writer.next = writer.next, _Batch()
-            payload = b"".join(writer.queue) if len(writer.queue) > 1 else writer.queue[0]
-            writer.queue.clear()
-            await _write_batch(self, writer, batch, payload)
-    finally:
-        writer.writing = False
+        while not mine.done.is_set():
+            if writer.writing:
+                await writer.written.wait()
+            else:
+                await _write_queued(self, writer)
+    except trio.Cancelled:
+        if mine is writer.next:  # not taken into a write yet: take it back
+            for i, queued in enumerate(writer.queue):
+                if queued is data:
+                    del writer.queue[i]
+                    break
+        raise
     if mine.error is not None:
         raise mine.error
-    await trio.lowlevel.checkpoint()
+
+
+async def _write_queued(conn: Any, writer: _Writer) -> None:
+    """Write every queued frame as one batch, then let the next batch's callers go on."""
+    writer.writing = True
+    batch, writer.next = writer.next, _Batch()
+    frames, writer.queue = writer.queue, []
+    try:
+        await _write_batch(conn, writer, batch, b"".join(frames))
+    finally:
+        writer.writing = False
+        writer.written.set()
+        writer.written = trio.Event()
 
 
 async def _write_batch(conn: Any, writer: _Writer, batch: _Batch, payload: bytes) -> None:

@@ -217,3 +217,38 @@ async def test_tcp_reads_are_served_from_one_recv() -> None:
     await left.send_all(b"more")
     assert await tcp.read(100) == b"more"
     assert calls == 2
+
+
+async def test_a_writer_writes_one_batch_and_the_next_batch_writes_itself() -> None:
+    async with pair() as p:
+        stream = await p.open()
+        await stream.write(b"x")
+        peer = await p.accepted.receive()
+        await read_exactly(peer, 1)
+        muxed = p.muxed(p.client)
+        original = muxed.secured_conn.write
+        writes = 0
+
+        async def slow(data: bytes) -> None:
+            nonlocal writes
+            await trio.sleep(0.02)  # others queue meanwhile
+            await original(data)
+            writes += 1
+
+        muxed.secured_conn.write = slow
+        sid = stream.muxed_stream.stream_id
+        frame = struct.pack(yamux_module.YAMUX_HEADER_FORMAT, 0, yamux_module.TYPE_DATA, 0, sid, 1)
+        returned_after: dict[str, int] = {}
+
+        async def write(name: str) -> None:
+            await muxed._write_frame(frame + b"y")
+            returned_after[name] = writes
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write, "first")
+            await trio.sleep(0.005)  # the first write is under way
+            for name in ("second", "third"):
+                nursery.start_soon(write, name)
+        # The first caller went on after its own write; the two others shared the next one.
+        assert returned_after == {"first": 1, "second": 2, "third": 2}
+        assert await read_exactly(peer, 3) == b"yyy"
