@@ -28,9 +28,45 @@ import random
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
+
+@dataclass
+class Tally:
+    """What one load process counted in its window (shared with the library worker of
+    :mod:`bench.stream`)."""
+
+    chunks: int = 0
+    totals: list[float] = field(default_factory=list)
+    firsts: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def failed(self, kind: str, text: str) -> None:
+        """Count one failed answer of ``kind``, keeping its first message."""
+        self.errors[kind] += 1
+        self.examples.setdefault(kind, text[:300])
+
+    def answered(self, total: float, first: float) -> None:
+        """One answer started and finished inside the window."""
+        self.totals.append(total)
+        self.firsts.append(first)
+
+    def result(self, secs: float, cpu: float) -> dict[str, Any]:
+        """The results line (see the module docstring)."""
+        return {
+            "secs": secs,
+            "chunks": self.chunks,
+            "answers": len(self.totals),
+            "total": self.totals,
+            "first": self.firsts,
+            "errors": dict(self.errors),
+            "examples": self.examples,
+            "cpu": cpu,
+        }
 
 
 def _content(line: bytes) -> tuple[bool, str | None]:
@@ -62,18 +98,10 @@ async def run(args: dict[str, Any]) -> dict[str, Any]:
     headers = args.get("headers") or {}
     warm, secs = float(args["warm"]), float(args["secs"])
     state = {"t0": float("inf"), "t1": float("inf"), "closed": False}
-    chunks = 0
-    totals: list[float] = []
-    firsts: list[float] = []
-    errors: Counter[str] = Counter()
-    examples: dict[str, str] = {}
-
-    def failed(kind: str, text: str) -> None:
-        errors[kind] += 1
-        examples.setdefault(kind, text[:300])
+    tally = Tally()
+    failed = tally.failed
 
     async def one(session: aiohttp.ClientSession) -> None:
-        nonlocal chunks
         start = time.monotonic()
         first = 0.0
         async with session.post(url, json=body, headers=headers) as response:
@@ -91,11 +119,10 @@ async def run(args: dict[str, Any]) -> dict[str, Any]:
                     if not first:
                         first = now - start
                     if state["t0"] <= now <= state["t1"]:
-                        chunks += 1
+                        tally.chunks += 1
         end = time.monotonic()
         if start >= state["t0"] and end <= state["t1"]:
-            totals.append(end - start)
-            firsts.append(first)
+            tally.answered(end - start, first)
 
     async def caller(session: aiohttp.ClientSession) -> None:
         await asyncio.sleep(random.uniform(0, warm / 2))
@@ -122,16 +149,7 @@ async def run(args: dict[str, Any]) -> dict[str, Any]:
         await asyncio.wait(tasks, timeout=30)
         for task in tasks:
             task.cancel()
-    return {
-        "secs": state["t1"] - state["t0"],
-        "chunks": chunks,
-        "answers": len(totals),
-        "total": totals,
-        "first": firsts,
-        "errors": dict(errors),
-        "examples": examples,
-        "cpu": cpu,
-    }
+    return tally.result(state["t1"] - state["t0"], cpu)
 
 
 def main() -> None:

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from bench import procs
 from bench.nat import cpu_secs
 from bench.report import write_section
 from bench.request_path import LITELLM_KEY, start_litellm
+from bench.sse_load import Tally
 from lloom.client.network import NetworkClient
 from lloom.identity import Identity
 from lloom.node.node import NodeConfig, open_node
@@ -113,36 +113,30 @@ async def worker(args: dict[str, Any]) -> dict[str, Any]:
     warm, secs = float(args["warm"]), float(args["secs"])
     window = {"t0": float("inf"), "t1": float("inf")}
     closed = False
-    chunks = 0
-    totals: list[float] = []
-    firsts: list[float] = []
-    errors: Counter[str] = Counter()
-    examples: dict[str, str] = {}
+    tally = Tally()
     config = NodeConfig(bootstrap=[Multiaddr(args["boot"])])
     async with open_node(Identity.generate(), config) as node, trio.open_nursery() as nursery:
         client = NetworkClient(node, None)
         client.nursery = nursery
 
         async def one() -> None:
-            nonlocal chunks
             start = time.monotonic()
             first = 0.0
 
             async def on_chunk(chunk: dict[str, Any]) -> None:
-                nonlocal chunks, first
+                nonlocal first
                 choices = chunk.get("choices") or []
                 if choices and (choices[0].get("delta") or {}).get("content"):
                     now = time.monotonic()
                     if not first:
                         first = now - start
                     if window["t0"] <= now <= window["t1"]:
-                        chunks += 1
+                        tally.chunks += 1
 
             await client.run(request, on_chunk)
             end = time.monotonic()
             if start >= window["t0"] and end <= window["t1"]:
-                totals.append(end - start)
-                firsts.append(first)
+                tally.answered(end - start, first)
 
         async def caller() -> None:
             await trio.sleep(random.uniform(0, warm / 2))
@@ -150,8 +144,7 @@ async def worker(args: dict[str, Any]) -> dict[str, Any]:
                 try:
                     await one()
                 except Exception as exc:  # counted, as the HTTP load client counts its own
-                    errors[type(exc).__name__] += 1
-                    examples.setdefault(type(exc).__name__, str(exc)[:300])
+                    tally.failed(type(exc).__name__, str(exc))
                     await trio.sleep(0.05)
 
         async with trio.open_nursery() as callers:
@@ -168,16 +161,7 @@ async def worker(args: dict[str, Any]) -> dict[str, Any]:
             closed = True
         await client.pool.close()
         nursery.cancel_scope.cancel()
-    return {
-        "secs": window["t1"] - window["t0"],
-        "chunks": chunks,
-        "answers": len(totals),
-        "total": totals,
-        "first": firsts,
-        "errors": dict(errors),
-        "examples": examples,
-        "cpu": cpu,
-    }
+    return tally.result(window["t1"] - window["t0"], cpu)
 
 
 # --- the run ------------------------------------------------------------------------------
